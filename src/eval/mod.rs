@@ -1,0 +1,198 @@
+//! Evaluation: images through a model, batched, with named metrics.
+
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::data::{self, Dataset, Sample};
+use crate::error::{Result, SfrError};
+use crate::zoo::{ArchSpec, Model, NoTap, ResizeMode};
+use metrics::TopK;
+
+/// Decode, resize and centre-crop one image as the model's spec says: RGB, CHW, 0–255 floats.
+pub fn prepare_image(path: &Path, spec: &ArchSpec) -> Result<Vec<f32>> {
+    let img = data::load_rgb(path)?;
+    let img = match spec.resize_mode {
+        ResizeMode::ShorterSide => data::resize_shorter(&img, spec.resize)?,
+        ResizeMode::Squash => data::resize_exact(&img, spec.resize, spec.resize)?,
+    };
+    let img = data::center_crop(&img, spec.input_size)?;
+    Ok(data::to_chw_f32(&img))
+}
+
+/// A batch of prepared images.
+pub struct Batch {
+    /// `[n, 3, s, s]` RGB pixels on the 0–255 scale.
+    pub pixels: Tensor<4>,
+    /// The samples that made it (bad images left out).
+    pub samples: Vec<Sample>,
+}
+
+/// An image that could not be used, with why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    /// The file.
+    pub file: PathBuf,
+    /// The error.
+    pub error: String,
+}
+
+/// Decode a slice of samples in parallel into one batch; bad images are returned as skipped
+/// (or fail the call when `strict`).
+pub fn load_batch(
+    model: &Model,
+    samples: &[Sample],
+    strict: bool,
+) -> Result<(Option<Batch>, Vec<Skipped>)> {
+    let spec = model.spec();
+    let decoded: Vec<(Sample, Result<Vec<f32>>)> = samples
+        .par_iter()
+        .map(|s| (s.clone(), prepare_image(&s.path, spec)))
+        .collect();
+    let mut pixels = Vec::with_capacity(samples.len() * 3 * spec.input_size * spec.input_size);
+    let mut kept = Vec::new();
+    let mut skipped = Vec::new();
+    for (s, r) in decoded {
+        match r {
+            Ok(p) => {
+                pixels.extend_from_slice(&p);
+                kept.push(s);
+            }
+            Err(e) if !strict => skipped.push(Skipped {
+                file: s.path.clone(),
+                error: e.to_string(),
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    if kept.is_empty() {
+        return Ok((None, skipped));
+    }
+    let n = kept.len();
+    let s = spec.input_size;
+    let pixels = Tensor::from_data(TensorData::new(pixels, [n, 3, s, s]), model.device());
+    Ok((
+        Some(Batch {
+            pixels,
+            samples: kept,
+        }),
+        skipped,
+    ))
+}
+
+/// Logits as rows.
+pub fn logits_rows(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {
+    let [_, c] = logits.dims();
+    let v = logits.into_data().try_into_vec::<f32>().map_err(|e| {
+        SfrError::param(
+            "logits",
+            format!("could not read the model's output: {e:?}"),
+        )
+    })?;
+    Ok(v.chunks(c).map(|r| r.to_vec()).collect())
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Fail on the first unreadable image instead of skipping it.
+    pub strict: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            batch_size: 32,
+            strict: false,
+        }
+    }
+}
+
+/// The result of a clean evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Model name.
+    pub model: String,
+    /// Data folders.
+    pub data: Vec<String>,
+    /// Images evaluated.
+    pub n: usize,
+    /// Top-1 accuracy on clean images (label = top prediction).
+    pub clean_top1: f64,
+    /// Top-5 accuracy on clean images.
+    pub clean_top5: f64,
+    /// Images evaluated per second (decode, preprocessing and forward).
+    pub images_per_second: f64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Images that could not be read, with why.
+    pub skipped: Vec<Skipped>,
+    /// Compute device.
+    pub device: String,
+}
+
+/// Top-1/top-5 of `model` on `dataset`; `progress(done, total)` after each batch.
+pub fn evaluate(
+    model: &Model,
+    dataset: &Dataset,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalReport> {
+    if opts.batch_size == 0 {
+        return Err(SfrError::param("batch size", "must be at least 1"));
+    }
+    let total = dataset.samples.len();
+    if total == 0 {
+        return Err(SfrError::NoImages("the data set is empty".into()));
+    }
+    let start = Instant::now();
+    let mut acc = TopK::default();
+    let mut skipped = Vec::new();
+    let mut done = 0;
+    for chunk in dataset.samples.chunks(opts.batch_size) {
+        let (batch, sk) = load_batch(model, chunk, opts.strict)?;
+        skipped.extend(sk);
+        if let Some(b) = batch {
+            let rows = logits_rows(model.forward_pixels(b.pixels, &mut NoTap))?;
+            for (row, s) in rows.iter().zip(&b.samples) {
+                if let Some(label) = s.label {
+                    acc.add(row, label);
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done, total);
+    }
+    if acc.n == 0 {
+        return Err(SfrError::NoImages(format!(
+            "none of the {total} images could be read and labelled ({} skipped)",
+            skipped.len()
+        )));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(EvalReport {
+        model: model.spec().name.to_string(),
+        data: dataset
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        n: acc.n,
+        clean_top1: acc.top1_rate(),
+        clean_top5: acc.top5_rate(),
+        images_per_second: (acc.n + skipped.len()) as f64 / seconds,
+        seconds,
+        batch_size: opts.batch_size,
+        skipped,
+        device: crate::device::describe(),
+    })
+}

@@ -1,0 +1,18 @@
+//! # sfr — Selective Feature Regeneration against universal adversarial perturbations
+//!
+//! A toolkit around the defence of Borkar, Heide and Karam (CVPR 2020): pretrained ImageNet
+//! classifiers ([`zoo`]) loaded from PyTorch or safetensors files ([`weights`]), an image pipeline
+//! that matches torchvision's preprocessing ([`data`]), and evaluation ([`eval`]).
+//!
+//! Data flows one way: images → [`data`] → [`zoo`] (a classifier with taps at its conv outputs)
+//! → attacks → defence → [`eval`] → report.
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod fetch;
+pub mod weights;
+pub mod zoo;
+
+pub use error::{Result, SfrError};

@@ -1,0 +1,103 @@
+//! Shared test support: where `../shared` is, whether PyTorch is there, and visible skips.
+//!
+//! Tests that need `../shared` (override with `SFR_SHARED`) or Debian's PyTorch are reported as
+//! `SKIPPED: …` on stderr when it is absent — except under CI (`CI=true`), where its absence fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Whether we run under CI.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Report a skip (or panic under CI) and return `None`.
+pub fn skip<T>(why: &str) -> Option<T> {
+    if in_ci() {
+        panic!("required test material missing under CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// The shared material folder, if present.
+pub fn shared_dir() -> Option<PathBuf> {
+    let p = match std::env::var_os("SFR_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+    };
+    if p.join("data").is_dir() {
+        Some(p)
+    } else {
+        skip(&format!(
+            "shared material not found at {} (set SFR_SHARED)",
+            p.display()
+        ))
+    }
+}
+
+/// The Python that has PyTorch (Debian's `/usr/bin/python3` unless `SFR_TORCH_PYTHON`).
+pub fn torch_python() -> Option<String> {
+    let py = std::env::var("SFR_TORCH_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import torch, torchvision"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Some(py)
+    } else {
+        skip(&format!(
+            "{py} cannot import torch and torchvision (apt-get install python3-torch python3-torchvision)"
+        ))
+    }
+}
+
+/// A folder for generated test material that persists across test runs.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&p).expect("create test scratch dir");
+    p
+}
+
+/// The PyTorch zoo references (weights + io), generated once by `tools/zoo_reference.py`.
+pub fn zoo_reference() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let py = torch_python()?;
+        let out = scratch("zooref");
+        let stamp = out.join("complete");
+        if !stamp.is_file() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/zoo_reference.py");
+            let status = Command::new(&py)
+                .arg(&script)
+                .arg("--out")
+                .arg(&out)
+                .arg("--cache")
+                .arg(scratch("zooref-cache"))
+                .arg("--no-f64")
+                .status()
+                .expect("run tools/zoo_reference.py");
+            assert!(status.success(), "tools/zoo_reference.py failed");
+            std::fs::write(&stamp, "ok").expect("write stamp");
+        }
+        Some(out)
+    })
+    .clone()
+}
+
+/// The registry weights of `asset`, fetched through the same path as users (`sfr fetch`).
+pub fn fetched(asset: &str) -> PathBuf {
+    sfr::fetch::fetch_named(asset, &mut |m| eprintln!("{m}"))
+        .unwrap_or_else(|e| panic!("fetching {asset}: {e}"))
+}
+
+/// Max absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
