@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod perturbation;
 pub mod weights;
 pub mod zoo;
 
