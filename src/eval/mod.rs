@@ -11,8 +11,11 @@ use serde::Serialize;
 
 use crate::data::{self, Dataset, Sample};
 use crate::error::{Result, SfrError};
+use crate::perturbation::{self, Perturbation};
 use crate::zoo::{ArchSpec, Model, NoTap, ResizeMode};
 use metrics::TopK;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Decode, resize and centre-crop one image as the model's spec says: RGB, CHW, 0–255 floats.
 pub fn prepare_image(path: &Path, spec: &ArchSpec) -> Result<Vec<f32>> {
@@ -104,6 +107,10 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Fail on the first unreadable image instead of skipping it.
     pub strict: bool,
+    /// Clip perturbed pixels to [0, 255] (the paper's release does not).
+    pub clip: bool,
+    /// Seed of the per-image choice among several perturbations.
+    pub seed: u64,
 }
 
 impl Default for EvalOptions {
@@ -111,8 +118,33 @@ impl Default for EvalOptions {
         EvalOptions {
             batch_size: 32,
             strict: false,
+            clip: true,
+            seed: 0,
         }
     }
+}
+
+/// Results under attack (present when perturbations were given).
+#[derive(Debug, Clone, Serialize)]
+pub struct AttackedReport {
+    /// Perturbation files (each image gets one, chosen at random from the seed).
+    pub perturbations: Vec<String>,
+    /// Top-1 accuracy on perturbed images.
+    pub perturbed_top1: f64,
+    /// Top-5 accuracy on perturbed images.
+    pub perturbed_top5: f64,
+    /// Fraction of images whose top-1 label changes under the perturbation (vs the clean
+    /// prediction, not the ground truth).
+    pub fooling_rate: f64,
+    /// Fraction of perturbed images whose top-1 label is wrong (1 − perturbed top-1).
+    pub error_rate: f64,
+    /// Restoration accuracy of the undefended network: (clean top-1 + perturbed top-1) /
+    /// (2 · clean top-1).
+    pub restoration_accuracy_baseline: f64,
+    /// Whether perturbed pixels were clipped to [0, 255].
+    pub clip: bool,
+    /// Seed of the per-image choice.
+    pub seed: u64,
 }
 
 /// The result of a clean evaluation.
@@ -138,12 +170,18 @@ pub struct EvalReport {
     pub skipped: Vec<Skipped>,
     /// Compute device.
     pub device: String,
+    /// Under attack, when perturbations were given.
+    #[serde(flatten)]
+    pub attacked: Option<AttackedReport>,
 }
 
-/// Top-1/top-5 of `model` on `dataset`; `progress(done, total)` after each batch.
+/// Top-1/top-5 of `model` on `dataset`, clean and, with `perturbations`, perturbed: every
+/// image is evaluated clean and with one perturbation chosen at random (fixed seed) among them;
+/// `progress(done, total)` after each batch.
 pub fn evaluate(
     model: &Model,
     dataset: &Dataset,
+    perturbations: &[(String, Perturbation)],
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport> {
@@ -154,18 +192,69 @@ pub fn evaluate(
     if total == 0 {
         return Err(SfrError::NoImages("the data set is empty".into()));
     }
+    let size = model.spec().input_size;
+    for (name, p) in perturbations {
+        p.check_size(size, name)?;
+    }
+    // One perturbation per image, drawn in data order so the choice does not depend on batching.
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let choice: Vec<usize> = (0..total)
+        .map(|_| {
+            if perturbations.len() > 1 {
+                rng.random_range(0..perturbations.len())
+            } else {
+                0
+            }
+        })
+        .collect();
+    let stack = if perturbations.is_empty() {
+        None
+    } else {
+        let ts: Vec<Tensor<4>> = perturbations
+            .iter()
+            .map(|(_, p)| p.to_tensor(model.device()))
+            .collect();
+        Some(Tensor::cat(ts, 0))
+    };
     let start = Instant::now();
     let mut acc = TopK::default();
+    let mut adv = TopK::default();
+    let mut fooled = 0usize;
     let mut skipped = Vec::new();
     let mut done = 0;
     for chunk in dataset.samples.chunks(opts.batch_size) {
+        let offset = done;
         let (batch, sk) = load_batch(model, chunk, opts.strict)?;
         skipped.extend(sk);
         if let Some(b) = batch {
-            let rows = logits_rows(model.forward_pixels(b.pixels, &mut NoTap))?;
-            for (row, s) in rows.iter().zip(&b.samples) {
+            let rows = logits_rows(model.forward_pixels(b.pixels.clone(), &mut NoTap))?;
+            let adv_rows = match &stack {
+                Some(stack) => {
+                    let idx: Vec<i64> = b
+                        .samples
+                        .iter()
+                        .map(|s| {
+                            let pos = chunk.iter().position(|c| c.path == s.path).unwrap_or(0);
+                            choice[offset + pos] as i64
+                        })
+                        .collect();
+                    let n = idx.len();
+                    let idx = Tensor::from_data(TensorData::new(idx, [n]), model.device());
+                    let v = stack.clone().select(0, idx);
+                    let x = perturbation::apply(b.pixels, v, opts.clip);
+                    Some(logits_rows(model.forward_pixels(x, &mut NoTap))?)
+                }
+                None => None,
+            };
+            for (i, (row, s)) in rows.iter().zip(&b.samples).enumerate() {
                 if let Some(label) = s.label {
                     acc.add(row, label);
+                    if let Some(ar) = &adv_rows {
+                        adv.add(&ar[i], label);
+                        if metrics::top_k(&ar[i], 1) != metrics::top_k(row, 1) {
+                            fooled += 1;
+                        }
+                    }
                 }
             }
         }
@@ -179,6 +268,20 @@ pub fn evaluate(
         )));
     }
     let seconds = start.elapsed().as_secs_f64();
+    let attacked = (!perturbations.is_empty()).then(|| AttackedReport {
+        perturbations: perturbations.iter().map(|(n, _)| n.clone()).collect(),
+        perturbed_top1: adv.top1_rate(),
+        perturbed_top5: adv.top5_rate(),
+        fooling_rate: metrics::ratio(fooled, adv.n),
+        error_rate: 1.0 - adv.top1_rate(),
+        restoration_accuracy_baseline: metrics::restoration_accuracy(
+            acc.top1_rate(),
+            adv.top1_rate(),
+            acc.top1_rate(),
+        ),
+        clip: opts.clip,
+        seed: opts.seed,
+    });
     Ok(EvalReport {
         model: model.spec().name.to_string(),
         data: dataset
@@ -194,5 +297,6 @@ pub fn evaluate(
         batch_size: opts.batch_size,
         skipped,
         device: crate::device::describe(),
+        attacked,
     })
 }

@@ -106,17 +106,29 @@ const META_KEY: &str = "sfr_perturbation";
 
 impl Perturbation {
     /// A perturbation from C×H×W RGB data; fails on a wrong length or non-finite values.
-    pub fn new(height: usize, width: usize, data: Vec<f32>, meta: PerturbationMeta) -> Result<Self> {
+    pub fn new(
+        height: usize,
+        width: usize,
+        data: Vec<f32>,
+        meta: PerturbationMeta,
+    ) -> Result<Self> {
         if height == 0 || width == 0 || data.len() != 3 * height * width {
             return Err(SfrError::param(
                 "perturbation",
-                format!("expected 3×{height}×{width} = {} values, found {}", 3 * height * width, data.len()),
+                format!(
+                    "expected 3×{height}×{width} = {} values, found {}",
+                    3 * height * width,
+                    data.len()
+                ),
             ));
         }
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             return Err(SfrError::param(
                 "perturbation",
-                format!("value {i} is {} (NaN or infinite values are not a perturbation)", data[i]),
+                format!(
+                    "value {i} is {} (NaN or infinite values are not a perturbation)",
+                    data[i]
+                ),
             ));
         }
         Ok(Perturbation {
@@ -134,7 +146,11 @@ impl Perturbation {
 
     /// ‖v‖₂.
     pub fn l2(&self) -> f64 {
-        self.data.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt()
+        self.data
+            .iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum::<f64>()
+            .sqrt()
     }
 
     /// The norm the metadata names.
@@ -151,7 +167,10 @@ impl Perturbation {
         if n > self.meta.eps * (1.0 + 1e-4) + 1e-4 {
             return Err(SfrError::param(
                 "perturbation",
-                format!("its {} norm is {n:.4}, over its stated budget ξ = {}", self.meta.norm, self.meta.eps),
+                format!(
+                    "its {} norm is {n:.4}, over its stated budget ξ = {}",
+                    self.meta.norm, self.meta.eps
+                ),
             ));
         }
         Ok(())
@@ -173,7 +192,10 @@ impl Perturbation {
 
     /// `[1, 3, h, w]` tensor on `device`.
     pub fn to_tensor(&self, device: &Device) -> Tensor<4> {
-        Tensor::from_data(TensorData::new(self.data.clone(), [1, 3, self.height, self.width]), device)
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), [1, 3, self.height, self.width]),
+            device,
+        )
     }
 
     /// Save as safetensors (tensor `perturbation`, metadata `sfr_perturbation` as JSON), atomically.
@@ -210,27 +232,42 @@ impl Perturbation {
         let t = map.get(TENSOR_KEY).ok_or_else(|| {
             SfrError::param(
                 "perturbation",
-                format!("{} holds no tensor `{TENSOR_KEY}`: not an sfr perturbation", path.display()),
+                format!(
+                    "{} holds no tensor `{TENSOR_KEY}`: not an sfr perturbation",
+                    path.display()
+                ),
             )
         })?;
         if t.shape.len() != 3 || t.shape[0] != 3 {
             return Err(SfrError::param(
                 "perturbation",
-                format!("{}: tensor `{TENSOR_KEY}` has shape {:?}, expected [3, H, W]", path.display(), t.shape),
+                format!(
+                    "{}: tensor `{TENSOR_KEY}` has shape {:?}, expected [3, H, W]",
+                    path.display(),
+                    t.shape
+                ),
             ));
         }
         let m: PerturbationMeta = match meta.get(META_KEY) {
             Some(j) => serde_json::from_str(j).map_err(|e| {
-                SfrError::param("perturbation", format!("{}: unreadable metadata: {e}", path.display()))
+                SfrError::param(
+                    "perturbation",
+                    format!("{}: unreadable metadata: {e}", path.display()),
+                )
             })?,
             None => {
                 return Err(SfrError::param(
                     "perturbation",
-                    format!("{} has no `{META_KEY}` metadata: not an sfr perturbation", path.display()),
+                    format!(
+                        "{} has no `{META_KEY}` metadata: not an sfr perturbation",
+                        path.display()
+                    ),
                 ));
             }
         };
         let p = Perturbation::new(t.shape[1], t.shape[2], t.data.clone(), m)
+            .map_err(|e| SfrError::param("perturbation", format!("{}: {e}", path.display())))?;
+        p.check_budget()
             .map_err(|e| SfrError::param("perturbation", format!("{}: {e}", path.display())))?;
         Ok(p)
     }
@@ -246,7 +283,10 @@ impl Perturbation {
                 if self.height < size || self.width < size {
                     return Err(SfrError::param(
                         "--fit crop",
-                        format!("cannot crop a {}×{} perturbation to {size}×{size}", self.height, self.width),
+                        format!(
+                            "cannot crop a {}×{} perturbation to {size}×{size}",
+                            self.height, self.width
+                        ),
                     ));
                 }
                 let top = (self.height - size) / 2;
@@ -264,12 +304,14 @@ impl Perturbation {
                 let (h, w) = (self.height, self.width);
                 for c in 0..3 {
                     for y in 0..size {
-                        let sy = ((y as f64 + 0.5) * h as f64 / size as f64 - 0.5).clamp(0.0, (h - 1) as f64);
+                        let sy = ((y as f64 + 0.5) * h as f64 / size as f64 - 0.5)
+                            .clamp(0.0, (h - 1) as f64);
                         let y0 = sy.floor() as usize;
                         let y1 = (y0 + 1).min(h - 1);
                         let fy = (sy - y0 as f64) as f32;
                         for x in 0..size {
-                            let sx = ((x as f64 + 0.5) * w as f64 / size as f64 - 0.5).clamp(0.0, (w - 1) as f64);
+                            let sx = ((x as f64 + 0.5) * w as f64 / size as f64 - 0.5)
+                                .clamp(0.0, (w - 1) as f64);
                             let x0 = sx.floor() as usize;
                             let x1 = (x0 + 1).min(w - 1);
                             let fx = (sx - x0 as f64) as f32;
@@ -283,7 +325,11 @@ impl Perturbation {
             }
         }
         let mut meta = self.meta.clone();
-        let note = format!("{:?} from {}×{} to {size}×{size}", how, self.height, self.width).to_lowercase();
+        let note = format!(
+            "{:?} from {}×{} to {size}×{size}",
+            how, self.height, self.width
+        )
+        .to_lowercase();
         meta.source = Some(match meta.source {
             Some(s) => format!("{s}; {note}"),
             None => note,
@@ -336,7 +382,11 @@ pub struct ImportOptions {
 /// What sfr infers about a published file from its path: (layout, scale, norm).
 pub fn infer_import(path: &Path) -> (Layout, f64, Norm) {
     let s = path.to_string_lossy().to_lowercase();
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_lowercase();
     let layout = if ext == "h5" || ext == "hdf5" {
         // Every .h5 of the SFR release (UAP, sPGD, SFool, GAP) is C×W×H BGR.
         Layout::SfrH5
@@ -350,7 +400,11 @@ pub fn infer_import(path: &Path) -> (Layout, f64, Norm) {
     } else {
         1.0
     };
-    let norm = if s.contains("/l_2/") || s.contains("_l2_") { Norm::L2 } else { Norm::Linf };
+    let norm = if s.contains("/l_2/") || s.contains("_l2_") {
+        Norm::L2
+    } else {
+        Norm::Linf
+    };
     (layout, scale, norm)
 }
 
@@ -368,7 +422,11 @@ pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Perturbation> {
     let bad = |want: &str| {
         SfrError::param(
             "perturbation",
-            format!("{}: array of shape {:?} does not fit the {want} layout", path.display(), raw.shape),
+            format!(
+                "{}: array of shape {:?} does not fit the {want} layout",
+                path.display(),
+                raw.shape
+            ),
         )
     };
     if shape.len() != 3 {
@@ -440,7 +498,11 @@ pub fn project(delta: Tensor<4>, norm: Norm, eps: f64) -> Tensor<4> {
         Norm::L2 => {
             let n: f64 = delta.clone().powf_scalar(2.0).sum().into_scalar::<f32>() as f64;
             let n = n.sqrt();
-            if n > eps { delta.mul_scalar(eps / n) } else { delta }
+            if n > eps {
+                delta.mul_scalar(eps / n)
+            } else {
+                delta
+            }
         }
     }
 }
@@ -448,10 +510,47 @@ pub fn project(delta: Tensor<4>, norm: Norm, eps: f64) -> Tensor<4> {
 /// Check an attack budget: ξ > 0 and within what a perturbation on 0–255 pixels can mean.
 pub fn check_eps(norm: Norm, eps: f64) -> Result<()> {
     if !(eps.is_finite() && eps > 0.0) {
-        return Err(SfrError::param("--eps", format!("must be a positive number, got {eps}")));
+        return Err(SfrError::param(
+            "--eps",
+            format!("must be a positive number, got {eps}"),
+        ));
     }
     if norm == Norm::Linf && eps > 255.0 {
-        return Err(SfrError::param("--eps", format!("an ℓ∞ budget above 255 is meaningless on 0–255 pixels, got {eps}")));
+        return Err(SfrError::param(
+            "--eps",
+            format!("an ℓ∞ budget above 255 is meaningless on 0–255 pixels, got {eps}"),
+        ));
     }
     Ok(())
+}
+
+/// Write the pattern as a PNG, contrast-stretched per image to the full 0–255 range (as UAPs are
+/// usually shown).
+pub fn write_png(p: &Perturbation, path: &Path) -> Result<()> {
+    let (lo, hi) = p
+        .data
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let (h, w) = (p.height, p.width);
+    let mut rgb = vec![0u8; h * w * 3];
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let v = (p.data[c * h * w + y * w + x] - lo) / span * 255.0;
+                rgb[(y * w + x) * 3 + c] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+        .ok_or_else(|| SfrError::param("perturbation", "image buffer size mismatch"))?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| SfrError::param("png", e.to_string()))?;
+    crate::fetch::write_atomic(path, &bytes)
 }

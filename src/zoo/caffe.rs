@@ -49,6 +49,9 @@ pub fn vgg_f_spec() -> ArchSpec {
     }
 }
 
+/// (out, k, stride, pad, groups) of the five convs.
+type ConvCfg = [(usize, usize, usize, usize, usize); 5];
+
 /// Local response normalisation parameters (size, α, β, k).
 type LrnParams = (usize, f64, f64, f64);
 
@@ -65,37 +68,36 @@ pub struct CaffeNet {
 pub fn build(name: &str, l: &mut Loader) -> Result<Box<dyn Network>> {
     let p = Padding::same_all;
     // (out, k, stride, pad, groups) per conv.
-    let (cfg, lrn, lrn_first): ([(usize, usize, usize, usize, usize); 5], LrnParams, bool) =
-        match name {
-            "caffenet" => (
-                [
-                    (96, 11, 4, 0, 1),
-                    (256, 5, 1, 2, 2),
-                    (384, 3, 1, 1, 1),
-                    (384, 3, 1, 1, 2),
-                    (256, 3, 1, 1, 2),
-                ],
-                (5, 1e-4, 0.75, 1.0),
-                false,
-            ),
-            "vgg_f" => (
-                [
-                    (64, 11, 4, 0, 1),
-                    (256, 5, 1, 2, 1),
-                    (256, 3, 1, 1, 1),
-                    (256, 3, 1, 1, 1),
-                    (256, 3, 1, 1, 1),
-                ],
-                (5, 5e-4, 0.75, 2.0),
-                true,
-            ),
-            other => {
-                return Err(SfrError::param(
-                    "model",
-                    format!("`{other}` is not a Caffe network sfr knows"),
-                ));
-            }
-        };
+    let (cfg, lrn, lrn_first): (ConvCfg, LrnParams, bool) = match name {
+        "caffenet" => (
+            [
+                (96, 11, 4, 0, 1),
+                (256, 5, 1, 2, 2),
+                (384, 3, 1, 1, 1),
+                (384, 3, 1, 1, 2),
+                (256, 3, 1, 1, 2),
+            ],
+            (5, 1e-4, 0.75, 1.0),
+            false,
+        ),
+        "vgg_f" => (
+            [
+                (64, 11, 4, 0, 1),
+                (256, 5, 1, 2, 1),
+                (256, 3, 1, 1, 1),
+                (256, 3, 1, 1, 1),
+                (256, 3, 1, 1, 1),
+            ],
+            (5, 5e-4, 0.75, 2.0),
+            true,
+        ),
+        other => {
+            return Err(SfrError::param(
+                "model",
+                format!("`{other}` is not a Caffe network sfr knows"),
+            ));
+        }
+    };
     let mut convs = Vec::new();
     let mut cin = 3;
     for (i, (cout, k, s, pad, g)) in cfg.into_iter().enumerate() {

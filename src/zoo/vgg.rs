@@ -37,7 +37,7 @@ pub fn vgg16_spec() -> ArchSpec {
 }
 
 enum Layer {
-    Conv(Conv),
+    Conv(Box<Conv>),
     Pool { k: usize, s: usize },
 }
 
@@ -71,7 +71,7 @@ impl Network for PlainNet {
         self.features
             .iter()
             .filter_map(|l| match l {
-                Layer::Conv(c) => Some(c),
+                Layer::Conv(c) => Some(c.as_ref()),
                 Layer::Pool { .. } => None,
             })
             .collect()
@@ -82,13 +82,58 @@ impl Network for PlainNet {
 pub fn build_alexnet(_name: &str, l: &mut Loader) -> Result<Box<dyn Network>> {
     let p = Padding::same_all;
     let features = vec![
-        Layer::Conv(l.conv("features.0", 3, 64, 11, 4, p(2), 1, true)?),
+        Layer::Conv(Box::new(l.conv(
+            "features.0",
+            3,
+            64,
+            11,
+            4,
+            p(2),
+            1,
+            true,
+        )?)),
         Layer::Pool { k: 3, s: 2 },
-        Layer::Conv(l.conv("features.3", 64, 192, 5, 1, p(2), 1, true)?),
+        Layer::Conv(Box::new(l.conv(
+            "features.3",
+            64,
+            192,
+            5,
+            1,
+            p(2),
+            1,
+            true,
+        )?)),
         Layer::Pool { k: 3, s: 2 },
-        Layer::Conv(l.conv("features.6", 192, 384, 3, 1, p(1), 1, true)?),
-        Layer::Conv(l.conv("features.8", 384, 256, 3, 1, p(1), 1, true)?),
-        Layer::Conv(l.conv("features.10", 256, 256, 3, 1, p(1), 1, true)?),
+        Layer::Conv(Box::new(l.conv(
+            "features.6",
+            192,
+            384,
+            3,
+            1,
+            p(1),
+            1,
+            true,
+        )?)),
+        Layer::Conv(Box::new(l.conv(
+            "features.8",
+            384,
+            256,
+            3,
+            1,
+            p(1),
+            1,
+            true,
+        )?)),
+        Layer::Conv(Box::new(l.conv(
+            "features.10",
+            256,
+            256,
+            3,
+            1,
+            p(1),
+            1,
+            true,
+        )?)),
         Layer::Pool { k: 3, s: 2 },
     ];
     let fc = vec![
@@ -118,7 +163,7 @@ pub fn build_vgg16(_name: &str, l: &mut Loader) -> Result<Box<dyn Network>> {
             idx += 1;
         } else {
             let name = format!("features.{idx}");
-            features.push(Layer::Conv(l.conv(
+            features.push(Layer::Conv(Box::new(l.conv(
                 &name,
                 cin,
                 c,
@@ -127,7 +172,7 @@ pub fn build_vgg16(_name: &str, l: &mut Loader) -> Result<Box<dyn Network>> {
                 Padding::same_all(1),
                 1,
                 true,
-            )?));
+            )?)));
             cin = c;
             idx += 2; // conv, ReLU
         }

@@ -1,0 +1,338 @@
+//! Bad input through the command line: a clear error (exit 1, a sentence naming the thing) or a
+//! stated, visible skip — never a panic (exit 101).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sfr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(args)
+        .output()
+        .expect("run sfr")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit 1 with an error that mentions every word of `needles`.
+fn assert_error(o: &Output, needles: &[&str]) {
+    let e = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean error, got {:?}: {e}",
+        o.status
+    );
+    for n in needles {
+        assert!(e.contains(n), "error should mention `{n}`: {e}");
+    }
+    assert!(!e.contains("panicked"), "panic: {e}");
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = common::scratch("cli_errors").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+/// A valid 300×240 PNG with structured content.
+fn write_png(path: &Path) {
+    let img = image::RgbImage::from_fn(300, 240, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    });
+    img.save(path).expect("png");
+}
+
+fn mobilenet() -> String {
+    common::fetched("mobilenet_v2").display().to_string()
+}
+
+#[test]
+fn unknown_model_lists_the_known_ones() {
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "resnet9000",
+        "--weights",
+        "x.pth",
+        "--data",
+        ".",
+    ]);
+    assert_error(&o, &["resnet9000", "mobilenet_v2", "efficientnet_lite0"]);
+}
+
+#[test]
+fn missing_weight_file_is_named() {
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        "/nonexistent/w.pth",
+        "--data",
+        ".",
+    ]);
+    assert_error(&o, &["/nonexistent/w.pth"]);
+}
+
+#[test]
+fn weights_of_another_architecture_name_the_key() {
+    let d = dir("wrongarch");
+    write_png(&d.join("a.png"));
+    std::fs::write(d.join("labels.csv"), "file,label\na.png,1\n").unwrap();
+    let w = mobilenet();
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "efficientnet_lite0",
+        "--weights",
+        &w,
+        "--data",
+        d.to_str().unwrap(),
+    ]);
+    assert_error(&o, &["_conv_stem.weight", "another architecture"]);
+}
+
+#[test]
+fn wrong_shape_names_key_and_shapes() {
+    // mobilenet_v2 weights with one tensor of the wrong shape.
+    let mut map = sfr::weights::load(Path::new(&mobilenet())).expect("load");
+    let t = map.remove("classifier.1.weight").expect("fc");
+    map.insert(
+        "classifier.1.weight",
+        sfr::weights::RawTensor {
+            shape: vec![10, 1280],
+            data: t.data[..12800].to_vec(),
+        },
+    );
+    let d = dir("wrongshape");
+    let w = d.join("w.safetensors");
+    sfr::weights::save_safetensors(&map, &Default::default(), &w).expect("save");
+    let o = sfr(&[
+        "classify",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        w.to_str().unwrap(),
+        "x.png",
+    ]);
+    assert_error(&o, &["classifier.1.weight", "[10, 1280]", "[1000, 1280]"]);
+}
+
+#[test]
+fn truncated_pth_is_an_error_not_a_panic() {
+    let bytes = std::fs::read(mobilenet()).expect("read");
+    let d = dir("truncated");
+    for cut in [100, bytes.len() / 2, bytes.len() - 10] {
+        let w = d.join(format!("cut{cut}.pth"));
+        std::fs::write(&w, &bytes[..cut]).unwrap();
+        let o = sfr(&[
+            "classify",
+            "--model",
+            "mobilenet_v2",
+            "--weights",
+            w.to_str().unwrap(),
+            "x.png",
+        ]);
+        assert_error(&o, &[w.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn empty_data_folder() {
+    let d = dir("empty");
+    let w = mobilenet();
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        d.to_str().unwrap(),
+    ]);
+    assert_error(&o, &[d.to_str().unwrap()]);
+}
+
+#[test]
+fn label_out_of_range_names_the_row() {
+    let d = dir("badlabel");
+    write_png(&d.join("a.png"));
+    std::fs::write(d.join("labels.csv"), "file,label\na.png,1000\n").unwrap();
+    let w = mobilenet();
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        d.to_str().unwrap(),
+    ]);
+    assert_error(&o, &["labels.csv", "1000"]);
+}
+
+#[test]
+fn missing_and_corrupt_images_are_skipped_visibly_or_fail_with_strict() {
+    let d = dir("badimages");
+    write_png(&d.join("good.png"));
+    std::fs::write(
+        d.join("corrupt.jpg"),
+        b"\xff\xd8\xff\xe0 this is not a jpeg",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("labels.csv"),
+        "file,label\ngood.png,1\nmissing.jpg,2\ncorrupt.jpg,3\n",
+    )
+    .unwrap();
+    let w = mobilenet();
+    let ds = d.to_str().unwrap();
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["n"], 1);
+    let skipped = v["skipped"].as_array().expect("skipped list");
+    assert_eq!(skipped.len(), 2);
+    let e = stderr(&o);
+    assert!(
+        e.contains("missing.jpg") && e.contains("corrupt.jpg"),
+        "skips are stated on stderr: {e}"
+    );
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--strict",
+    ]);
+    assert_error(&o, &["missing.jpg"]);
+}
+
+#[test]
+fn classify_names_a_missing_image() {
+    let w = mobilenet();
+    let o = sfr(&[
+        "classify",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "/nonexistent/cat.jpg",
+    ]);
+    assert_error(&o, &["/nonexistent/cat.jpg"]);
+}
+
+#[test]
+fn bad_perturbations_are_rejected() {
+    let d = dir("badpert");
+    write_png(&d.join("a.png"));
+    std::fs::write(d.join("labels.csv"), "file,label\na.png,1\n").unwrap();
+    let w = mobilenet();
+    let ds = d.to_str().unwrap();
+    let mk = |name: &str, size: usize, fill: f32, eps: f64| {
+        let mut data = vec![fill; 3 * size * size];
+        data[0] = fill;
+        let meta =
+            sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, eps);
+        // Bypass the constructor's checks to write a bad file, as a foreign tool could.
+        let p = sfr::perturbation::Perturbation {
+            height: size,
+            width: size,
+            data,
+            meta,
+        };
+        let path = d.join(name);
+        p.save(&path).expect("save");
+        path.display().to_string()
+    };
+    // Wrong size.
+    let f = mk("small.safetensors", 200, 1.0, 10.0);
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--perturbation",
+        &f,
+    ]);
+    assert_error(&o, &["200×200", "224×224"]);
+    // NaN.
+    let f = mk("nan.safetensors", 224, f32::NAN, 10.0);
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--perturbation",
+        &f,
+    ]);
+    assert_error(&o, &["NaN"]);
+    // Over its budget.
+    let f = mk("over.safetensors", 224, 12.0, 10.0);
+    let o = sfr(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--perturbation",
+        &f,
+    ]);
+    assert_error(&o, &["budget"]);
+    // ξ ≤ 0 for an attack.
+    let o = sfr(&[
+        "attack",
+        "sgd",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--eps",
+        "0",
+        "--out",
+        "x.safetensors",
+    ]);
+    assert_error(&o, &["--eps", "positive"]);
+    let o = sfr(&[
+        "attack",
+        "sgd",
+        "--model",
+        "mobilenet_v2",
+        "--weights",
+        &w,
+        "--data",
+        ds,
+        "--eps=-3",
+        "--out",
+        "x.safetensors",
+    ]);
+    assert_error(&o, &["--eps"]);
+}
