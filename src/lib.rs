@@ -9,6 +9,7 @@
 
 pub mod attack;
 pub mod data;
+pub mod defense;
 pub mod device;
 pub mod error;
 pub mod eval;

@@ -13,6 +13,7 @@ use sfr::attack::activations::{ActivationConfig, Objective, Prior};
 use sfr::attack::sgd::SgdConfig;
 use sfr::attack::{self, RunContext};
 use sfr::data::{ClassTable, Dataset};
+use sfr::defense::{Defense, PlanOptions, Selection};
 use sfr::eval::{self, EvalOptions};
 use sfr::fetch;
 use sfr::perturbation::{Fit, ImportOptions, Layout, Norm, Perturbation};
@@ -61,6 +62,10 @@ enum Cmd {
     Classify(ClassifyArgs),
     /// Compute a universal perturbation.
     Attack(Box<AttackArgs>),
+    /// Train Feature Regeneration Units for a model (the backbone stays frozen).
+    Defend(Box<DefendArgs>),
+    /// Rank each site's channels by the ℓ1 norm of their filters.
+    Rank(RankArgs),
     /// Inspect, show and import perturbation files.
     #[command(subcommand)]
     Perturbation(PerturbationCmd),
@@ -90,6 +95,9 @@ struct EvalArgs {
     /// Use at most N images (the first N, in data order).
     #[arg(long)]
     limit: Option<usize>,
+    /// Skip the first N images (in data order) before --limit.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -109,7 +117,91 @@ struct EvalArgs {
     /// Seed of the per-image choice among perturbations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also evaluate the defended network (an `sfr defend` file for this backbone).
+    #[arg(long)]
+    defense: Option<PathBuf>,
     /// Exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DefendArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Training images (repeat to concatenate); labelled unless --pseudo-labels.
+    #[arg(long, short, required = true)]
+    data: Vec<PathBuf>,
+    /// Class table for ImageFolder trees.
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Real training perturbations (repeat); synthetic ones are drawn from them unless --no-synthetic.
+    #[arg(long = "uap", required = true)]
+    uaps: Vec<PathBuf>,
+    /// Output defence file (.safetensors).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    /// Images per mini-batch (half clean, half perturbed).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use at most N images (before the validation split).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the first N images (in data order) before --limit.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Images held out for the validation restoration estimate after each epoch.
+    #[arg(long, default_value_t = 100)]
+    val: usize,
+    /// Sites to defend (default: the paper's placement, or sfr's rule; see `sfr rank`).
+    #[arg(long, value_delimiter = ',')]
+    sites: Vec<String>,
+    /// Fraction of each site's channels to regenerate.
+    #[arg(long, default_value_t = 0.5)]
+    fraction: f64,
+    /// FRU width D as a multiple of N.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// Which channels: the ℓ1-ranked ones (the paper) or random ones (ablation).
+    #[arg(long, value_enum, default_value_t = Selection::Ranked)]
+    selection: Selection,
+    /// Train on the real perturbations only (no synthesis).
+    #[arg(long)]
+    no_synthetic: bool,
+    /// Train on the network's clean predictions instead of labels (unlabelled folders).
+    #[arg(long)]
+    pseudo_labels: bool,
+    /// No random horizontal flips.
+    #[arg(long)]
+    no_augment: bool,
+    /// Do not clip perturbed pixels to [0, 255].
+    #[arg(long)]
+    no_clip: bool,
+    /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
+    #[arg(long)]
+    resume: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RankArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Only these sites (default: every site).
+    #[arg(long, value_delimiter = ',')]
+    sites: Vec<String>,
+    /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -143,6 +235,9 @@ struct AttackArgs {
     /// Use at most N images (before the held-out split).
     #[arg(long)]
     limit: Option<usize>,
+    /// Skip the first N images (in data order) before --limit.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// Images held out for the running fooling-rate estimate.
     #[arg(long, default_value_t = 100)]
     holdout: usize,
@@ -252,6 +347,9 @@ struct ClassifyArgs {
     /// Class table (TSV: index, synset, name); default: fetched.
     #[arg(long)]
     classes: Option<PathBuf>,
+    /// Classify with the defended network (an `sfr defend` file for this backbone).
+    #[arg(long)]
+    defense: Option<PathBuf>,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -278,6 +376,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval_cmd(a, quiet),
         Cmd::Classify(a) => classify_cmd(a, quiet),
         Cmd::Attack(a) => attack_cmd(*a, quiet),
+        Cmd::Defend(a) => defend_cmd(*a, quiet),
+        Cmd::Rank(a) => rank_cmd(a, quiet),
         Cmd::Perturbation(c) => perturbation_cmd(c),
     }
 }
@@ -433,6 +533,7 @@ fn class_table(path: &Option<PathBuf>, quiet: bool) -> Result<ClassTable> {
 fn open_data(
     dirs: &[PathBuf],
     classes: &Option<PathBuf>,
+    skip: usize,
     limit: Option<usize>,
     quiet: bool,
 ) -> Result<Dataset> {
@@ -452,6 +553,15 @@ fn open_data(
         sets.push(Dataset::open(d, table.as_ref())?);
     }
     let mut ds = Dataset::concat(sets);
+    if skip > 0 {
+        if skip >= ds.samples.len() {
+            bail!(
+                "--skip {skip} leaves none of the {} images",
+                ds.samples.len()
+            );
+        }
+        ds.samples.drain(..skip);
+    }
     if let Some(n) = limit {
         if n == 0 {
             bail!("--limit must be at least 1");
@@ -477,7 +587,7 @@ fn progress_bar(total: usize, quiet: bool, what: &str) -> ProgressBar {
 
 fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
     let model = load_model(&a.model, quiet)?;
-    let ds = open_data(&a.data, &a.classes, a.limit, quiet)?;
+    let ds = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
     let pb = progress_bar(ds.samples.len(), quiet, &format!("eval {}", a.model.model));
     let opts = EvalOptions {
         batch_size: a.batch_size,
@@ -486,9 +596,26 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
         seed: a.seed,
     };
     let perts = load_perturbations(&a.perturbations, a.fit, model.spec().input_size)?;
-    let report = eval::evaluate(&model, &ds, &perts, &opts, &mut |done, _| {
-        pb.set_position(done as u64)
-    })?;
+    let mut defense = match &a.defense {
+        Some(p) => Some(
+            Defense::load(p, &model, model.device())
+                .with_context(|| format!("loading defence {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let dname = a
+        .defense
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let report = eval::evaluate(
+        &model,
+        &ds,
+        &perts,
+        defense.as_mut().map(|d| (dname.as_str(), d)),
+        &opts,
+        &mut |done, _| pb.set_position(done as u64),
+    )?;
     pb.finish_and_clear();
     if !quiet {
         for s in report.skipped.iter().take(10) {
@@ -538,6 +665,16 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
                 at.restoration_accuracy_baseline
             );
         }
+        if let Some(d) = &report.defended {
+            println!("defence    {}", d.defense);
+            println!("defended clean top-1      {:.4}", d.defended_clean_top1);
+            if let (Some(p), Some(r)) = (d.defended_perturbed_top1, d.restoration_accuracy) {
+                println!("defended perturbed top-1  {p:.4}");
+                println!(
+                    "restoration accuracy      {r:.4}  ((defended clean + defended perturbed top-1) / (2 · undefended clean top-1))"
+                );
+            }
+        }
         println!(
             "speed      {:.1} images/s ({:.1} s, batch {}, {})",
             report.images_per_second, report.seconds, report.batch_size, report.device
@@ -549,6 +686,13 @@ fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
 fn classify_cmd(a: ClassifyArgs, quiet: bool) -> Result<()> {
     let model = load_model(&a.model, quiet)?;
     let table = class_table(&a.classes, quiet)?;
+    let mut defense = match &a.defense {
+        Some(p) => Some(
+            Defense::load(p, &model, model.device())
+                .with_context(|| format!("loading defence {}", p.display()))?,
+        ),
+        None => None,
+    };
     let mut results = Vec::new();
     for img in &a.images {
         let px = eval::prepare_image(img, model.spec())
@@ -558,7 +702,11 @@ fn classify_cmd(a: ClassifyArgs, quiet: bool) -> Result<()> {
             burn::tensor::TensorData::new(px, [1, 3, s, s]),
             model.device(),
         );
-        let rows = eval::logits_rows(model.forward_pixels(x, &mut NoTap))?;
+        let logits = match defense.as_mut() {
+            Some(d) => d.forward_pixels(&model, x),
+            None => model.forward_pixels(x, &mut NoTap),
+        };
+        let rows = eval::logits_rows(logits)?;
         let probs = eval::metrics::softmax(&rows[0]);
         let top: Vec<_> = eval::metrics::top_k(&rows[0], 5)
             .into_iter()
@@ -655,7 +803,7 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
         c
     };
     let model = load_model(&a.model, quiet)?;
-    let ds = open_data(&a.data, &a.classes, a.limit, quiet)?;
+    let ds = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
     let (train, holdout) = attack::split_holdout(
         &ds,
         a.holdout.min(ds.samples.len().saturating_sub(1)),
@@ -832,6 +980,173 @@ fn perturbation_cmd(c: PerturbationCmd) -> Result<()> {
                     p.meta.source.as_deref().unwrap_or("")
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
+    let cfg = sfr::defense::train::TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        synthetic: !a.no_synthetic,
+        pseudo_labels: a.pseudo_labels,
+        augment: !a.no_augment,
+        seed: a.seed,
+        clip: !a.no_clip,
+    };
+    cfg.validate()?;
+    let model = load_model(&a.model, quiet)?;
+    let size = model.spec().input_size;
+    let uaps: Vec<Perturbation> = load_perturbations(&a.uaps, None, size)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let ds = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
+    let (train, val) = if a.val == 0 {
+        (
+            ds,
+            sfr::data::Dataset {
+                samples: Vec::new(),
+                sources: Vec::new(),
+            },
+        )
+    } else {
+        attack::split_holdout(&ds, a.val, a.seed)?
+    };
+    let mut ckpt = a.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let ckpt = PathBuf::from(ckpt);
+    let device = model.device().clone();
+    let mut defense = if a.resume && ckpt.is_file() {
+        let d = Defense::load(&ckpt, &model, &device)
+            .with_context(|| format!("resuming from {}", ckpt.display()))?;
+        if !quiet {
+            eprintln!(
+                "resuming from {} ({} epochs done)",
+                ckpt.display(),
+                d.meta
+                    .training
+                    .get("epochs_done")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+            );
+        }
+        d
+    } else {
+        let opts = PlanOptions {
+            sites: a.sites.clone(),
+            fraction: a.fraction,
+            width_ratio: a.width,
+            selection: a.selection,
+            seed: a.seed,
+        };
+        Defense::plant(&model, &opts, &device)?
+    };
+    let pb = progress_bar(train.samples.len(), quiet, "defend");
+    let lines = !quiet && !std::io::stderr().is_terminal();
+    let mut last_epoch = 0;
+    let t0 = std::time::Instant::now();
+    let history = sfr::defense::train::train(
+        &model,
+        &mut defense,
+        &train,
+        &val,
+        &uaps,
+        &cfg,
+        Some(&ckpt),
+        &mut |p| {
+            pb.set_length(p.total as u64);
+            pb.set_position(p.done as u64);
+            let mut msg = format!("epoch {}/{}", p.epoch, cfg.epochs);
+            if let Some(l) = p.loss {
+                msg.push_str(&format!(" loss {l:.3}"));
+            }
+            if let Some(r) = p.val_restoration {
+                msg.push_str(&format!(" val restoration {r:.3}"));
+            }
+            pb.set_message(msg.clone());
+            if lines && p.done == p.total && p.epoch != last_epoch {
+                eprintln!("{msg}");
+                last_epoch = p.epoch;
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    defense.save(&a.out)?;
+    let _ = std::fs::remove_file(&ckpt);
+    let seconds = t0.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&defense.meta)?;
+        v["file"] = json!(a.out);
+        v["seconds"] = json!(seconds);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} FRUs at {}; {:.1} s)",
+            a.out.display(),
+            defense.meta.sites.len(),
+            defense.meta.sites.join(", "),
+            seconds
+        );
+        if let Some(v) = history.last() {
+            println!(
+                "validation ({} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
+                val.samples.len(),
+                v.baseline_clean_top1,
+                v.defended_clean_top1,
+                v.defended_perturbed_top1,
+                v.restoration_accuracy
+            );
+        }
+    }
+    Ok(())
+}
+
+fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
+    let model = load_model(&a.model, quiet)?;
+    let sites: Vec<String> = if a.sites.is_empty() {
+        model.sites().into_iter().map(|s| s.name).collect()
+    } else {
+        a.sites.clone()
+    };
+    let defaults = sfr::defense::default_sites(&model).unwrap_or_default();
+    let mut out = Vec::new();
+    for s in &sites {
+        out.push(sfr::defense::ranking::rank_site(&model, s)?);
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(
+                &json!({ "model": model.spec().name, "default_sites": defaults, "sites": out })
+            )?
+        );
+    } else {
+        println!(
+            "{:<34} {:>5}  {:>9} {:>9}  top channels by ℓ1 norm",
+            "site", "C", "max ℓ1", "median"
+        );
+        for r in &out {
+            let mut sorted: Vec<f64> = r.order.iter().map(|&c| r.l1[c]).collect();
+            let max = sorted.first().copied().unwrap_or(0.0);
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let med = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+            let top: Vec<String> = r.order.iter().take(6).map(|c| c.to_string()).collect();
+            let mark = if defaults.contains(&r.site) { " *" } else { "" };
+            println!(
+                "{:<34} {:>5}  {:>9.3} {:>9.3}  {}{}",
+                r.site,
+                r.order.len(),
+                max,
+                med,
+                top.join(" "),
+                mark
+            );
+        }
+        if !defaults.is_empty() {
+            println!("* default FRU site for {}", model.spec().name);
         }
     }
     Ok(())

@@ -34,9 +34,9 @@ pub struct SgdConfig {
 impl Default for SgdConfig {
     fn default() -> Self {
         SgdConfig {
-            epochs: 5,
+            epochs: 6,
             step: 0.1,
-            decay: 0.6,
+            decay: 0.8,
             beta: 10.0,
             target_fooling_rate: 1.0,
         }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::data::{self, Dataset, Sample};
+use crate::defense::Defense;
 use crate::error::{Result, SfrError};
 use crate::perturbation::{self, Perturbation};
 use crate::zoo::{ArchSpec, Model, NoTap, ResizeMode};
@@ -147,6 +148,22 @@ pub struct AttackedReport {
     pub seed: u64,
 }
 
+/// Results of the defended network (present when a defence was given).
+#[derive(Debug, Clone, Serialize)]
+pub struct DefendedReport {
+    /// The defence file.
+    pub defense: String,
+    /// Top-1 of the defended network on clean images.
+    pub defended_clean_top1: f64,
+    /// Top-1 of the defended network on perturbed images (when perturbations were given).
+    pub defended_perturbed_top1: Option<f64>,
+    /// Fraction of images whose defended top-1 changes under the perturbation.
+    pub defended_fooling_rate: Option<f64>,
+    /// Restoration accuracy: (defended clean top-1 + defended perturbed top-1) / (2 · undefended
+    /// clean top-1).
+    pub restoration_accuracy: Option<f64>,
+}
+
 /// The result of a clean evaluation.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -173,6 +190,9 @@ pub struct EvalReport {
     /// Under attack, when perturbations were given.
     #[serde(flatten)]
     pub attacked: Option<AttackedReport>,
+    /// With the defence, when one was given.
+    #[serde(flatten)]
+    pub defended: Option<DefendedReport>,
 }
 
 /// Top-1/top-5 of `model` on `dataset`, clean and, with `perturbations`, perturbed: every
@@ -182,6 +202,7 @@ pub fn evaluate(
     model: &Model,
     dataset: &Dataset,
     perturbations: &[(String, Perturbation)],
+    mut defense: Option<(&str, &mut Defense)>,
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalReport> {
@@ -220,6 +241,9 @@ pub fn evaluate(
     let mut acc = TopK::default();
     let mut adv = TopK::default();
     let mut fooled = 0usize;
+    let mut def_clean = TopK::default();
+    let mut def_adv = TopK::default();
+    let mut def_fooled = 0usize;
     let mut skipped = Vec::new();
     let mut done = 0;
     for chunk in dataset.samples.chunks(opts.batch_size) {
@@ -241,10 +265,25 @@ pub fn evaluate(
                     let n = idx.len();
                     let idx = Tensor::from_data(TensorData::new(idx, [n]), model.device());
                     let v = stack.clone().select(0, idx);
-                    let x = perturbation::apply(b.pixels, v, opts.clip);
-                    Some(logits_rows(model.forward_pixels(x, &mut NoTap))?)
+                    let x = perturbation::apply(b.pixels.clone(), v, opts.clip);
+                    Some((logits_rows(model.forward_pixels(x.clone(), &mut NoTap))?, x))
                 }
                 None => None,
+            };
+            let (adv_rows, adv_x) = match adv_rows {
+                Some((r, x)) => (Some(r), Some(x)),
+                None => (None, None),
+            };
+            let (def_rows, def_adv_rows) = match defense.as_mut() {
+                Some((_, d)) => {
+                    let c = logits_rows(d.forward_pixels(model, b.pixels.clone()))?;
+                    let a = match adv_x {
+                        Some(x) => Some(logits_rows(d.forward_pixels(model, x))?),
+                        None => None,
+                    };
+                    (Some(c), a)
+                }
+                None => (None, None),
             };
             for (i, (row, s)) in rows.iter().zip(&b.samples).enumerate() {
                 if let Some(label) = s.label {
@@ -253,6 +292,15 @@ pub fn evaluate(
                         adv.add(&ar[i], label);
                         if metrics::top_k(&ar[i], 1) != metrics::top_k(row, 1) {
                             fooled += 1;
+                        }
+                    }
+                    if let Some(dr) = &def_rows {
+                        def_clean.add(&dr[i], label);
+                        if let Some(da) = &def_adv_rows {
+                            def_adv.add(&da[i], label);
+                            if metrics::top_k(&da[i], 1) != metrics::top_k(&dr[i], 1) {
+                                def_fooled += 1;
+                            }
                         }
                     }
                 }
@@ -282,6 +330,22 @@ pub fn evaluate(
         clip: opts.clip,
         seed: opts.seed,
     });
+    let defended = defense.map(|(name, _)| {
+        let has_adv = def_adv.n > 0;
+        DefendedReport {
+            defense: name.to_string(),
+            defended_clean_top1: def_clean.top1_rate(),
+            defended_perturbed_top1: has_adv.then(|| def_adv.top1_rate()),
+            defended_fooling_rate: has_adv.then(|| metrics::ratio(def_fooled, def_adv.n)),
+            restoration_accuracy: has_adv.then(|| {
+                metrics::restoration_accuracy(
+                    def_clean.top1_rate(),
+                    def_adv.top1_rate(),
+                    acc.top1_rate(),
+                )
+            }),
+        }
+    });
     Ok(EvalReport {
         model: model.spec().name.to_string(),
         data: dataset
@@ -298,5 +362,6 @@ pub fn evaluate(
         skipped,
         device: crate::device::describe(),
         attacked,
+        defended,
     })
 }

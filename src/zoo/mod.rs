@@ -132,7 +132,7 @@ pub struct SiteInfo {
 }
 
 /// A network body: normalised NCHW input in, logits out, with taps at every conv output.
-pub trait Network {
+pub trait Network: Send + Sync {
     /// Logits `[batch, 1000]` for normalised input `[batch, 3, h, w]`.
     fn forward(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2>;
     /// Every conv in forward order.

@@ -1,0 +1,258 @@
+//! Feature Regeneration Units (Borkar et al. 2020): a residual block applied to the most
+//! susceptible ⌊C/2⌋ channels of a site, `out = x_top + F(x_top)` with
+//! F = conv1×1 (N→D) → BN → ReLU → conv3×3 (D→D) → BN → ReLU → conv3×3 (D→D) → BN → ReLU →
+//! conv1×1 (D→N); no conv biases, stride 1, the last conv zero-initialised so that an untrained
+//! unit is the identity. The regenerated channels go back among the untouched ones in their
+//! original order (an index gather, as the release's frozen permutation convs do).
+
+use burn::module::{Module, Param};
+use burn::tensor::module::{batch_norm, batch_norm_train, conv2d};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use crate::zoo::Tap;
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f32 = 0.1;
+
+/// The trainable parameters of one FRU.
+#[derive(Module, Debug)]
+pub struct Fru {
+    /// conv1×1 N→D `[D, N, 1, 1]`.
+    pub w1: Param<Tensor<4>>,
+    /// BN 1 scale and shift.
+    pub g1: Param<Tensor<1>>,
+    /// BN 1 shift.
+    pub b1: Param<Tensor<1>>,
+    /// conv3×3 D→D.
+    pub w2: Param<Tensor<4>>,
+    /// BN 2 scale.
+    pub g2: Param<Tensor<1>>,
+    /// BN 2 shift.
+    pub b2: Param<Tensor<1>>,
+    /// conv3×3 D→D.
+    pub w3: Param<Tensor<4>>,
+    /// BN 3 scale.
+    pub g3: Param<Tensor<1>>,
+    /// BN 3 shift.
+    pub b3: Param<Tensor<1>>,
+    /// conv1×1 D→N `[N, D, 1, 1]`, zero at initialisation.
+    pub w4: Param<Tensor<4>>,
+}
+
+/// Every FRU of a defence, in site order.
+#[derive(Module, Debug)]
+pub struct FruSet {
+    /// One unit per site.
+    pub units: Vec<Fru>,
+}
+
+/// Running batch-norm statistics of the FRUs (not trained by gradient).
+#[derive(Debug, Clone)]
+pub struct BnStats {
+    /// Per FRU, per BN (3): running mean.
+    pub mean: Vec<[Vec<f32>; 3]>,
+    /// Per FRU, per BN (3): running variance.
+    pub var: Vec<[Vec<f32>; 3]>,
+}
+
+fn kaiming(shape: [usize; 4], device: &Device) -> Tensor<4> {
+    let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+    Tensor::random(
+        shape,
+        Distribution::Normal(0.0, (2.0 / fan_in).sqrt()),
+        device,
+    )
+}
+
+impl Fru {
+    /// A fresh unit for `n` channels with width `d` (identity at start).
+    pub fn new(n: usize, d: usize, device: &Device) -> Self {
+        let ones = |c| Param::from_tensor(Tensor::ones([c], device));
+        let zeros = |c| Param::from_tensor(Tensor::zeros([c], device));
+        Fru {
+            w1: Param::from_tensor(kaiming([d, n, 1, 1], device)),
+            g1: ones(d),
+            b1: zeros(d),
+            w2: Param::from_tensor(kaiming([d, d, 3, 3], device)),
+            g2: ones(d),
+            b2: zeros(d),
+            w3: Param::from_tensor(kaiming([d, d, 3, 3], device)),
+            g3: ones(d),
+            b3: zeros(d),
+            w4: Param::from_tensor(Tensor::zeros([n, d, 1, 1], device)),
+        }
+    }
+
+    /// Channels in (N) and width (D).
+    pub fn dims(&self) -> (usize, usize) {
+        let [d, n, _, _] = self.w1.val().dims();
+        (n, d)
+    }
+
+    /// `x + F(x)`; in training mode BN uses batch statistics and updates `stats`.
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        stats: &mut [Vec<f32>; 3],
+        vars: &mut [Vec<f32>; 3],
+        training: bool,
+    ) -> Tensor<4> {
+        let conv = |x: Tensor<4>, w: Tensor<4>, pad: usize| {
+            conv2d(x, w, None, ConvOptions::new([1, 1], [pad, pad], [1, 1], 1))
+        };
+        let layers = [
+            (self.w1.val(), self.g1.val(), self.b1.val(), 0),
+            (self.w2.val(), self.g2.val(), self.b2.val(), 1),
+            (self.w3.val(), self.g3.val(), self.b3.val(), 1),
+        ];
+        let mut h = x.clone();
+        for (i, (w, g, b, pad)) in layers.into_iter().enumerate() {
+            let y = conv(h, w, pad);
+            let y = if training {
+                let out = batch_norm_train(y, g, b, BN_EPS);
+                let m = out
+                    .mean
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_default();
+                let v = out
+                    .variance
+                    .into_data()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_default();
+                if m.len() == stats[i].len() && v.len() == vars[i].len() {
+                    for (r, bm) in stats[i].iter_mut().zip(&m) {
+                        *r = (1.0 - BN_MOMENTUM) * *r + BN_MOMENTUM * bm;
+                    }
+                    for (r, bv) in vars[i].iter_mut().zip(&v) {
+                        *r = (1.0 - BN_MOMENTUM) * *r + BN_MOMENTUM * bv;
+                    }
+                }
+                out.output
+            } else {
+                let dev = y.device();
+                let c = stats[i].len();
+                let mean = Tensor::from_data(TensorData::new(stats[i].clone(), [c]), &dev);
+                let var = Tensor::from_data(TensorData::new(vars[i].clone(), [c]), &dev);
+                batch_norm(y, g, b, mean, var, BN_EPS)
+            };
+            h = burn::tensor::activation::relu(y);
+        }
+        x + conv(h, self.w4.val(), 0)
+    }
+}
+
+impl BnStats {
+    /// Fresh statistics (mean 0, variance 1) for units of widths `ds`.
+    pub fn new(ds: &[usize]) -> Self {
+        BnStats {
+            mean: ds
+                .iter()
+                .map(|&d| [vec![0.0; d], vec![0.0; d], vec![0.0; d]])
+                .collect(),
+            var: ds
+                .iter()
+                .map(|&d| [vec![1.0; d], vec![1.0; d], vec![1.0; d]])
+                .collect(),
+        }
+    }
+}
+
+/// Where one FRU acts: the site and the channel split.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Site name.
+    pub site: String,
+    /// Channels at the site (C).
+    pub channels: usize,
+    /// The regenerated channels (N of them), in ranked order.
+    pub regen: Vec<usize>,
+}
+
+impl Placement {
+    /// Channels left untouched, in index order.
+    pub fn rest(&self) -> Vec<usize> {
+        (0..self.channels)
+            .filter(|c| !self.regen.contains(c))
+            .collect()
+    }
+
+    /// The inverse of the permutation `regen ++ rest`: position of each original channel.
+    pub fn inverse(&self) -> Vec<usize> {
+        let mut inv = vec![0; self.channels];
+        for (pos, &c) in self.regen.iter().chain(self.rest().iter()).enumerate() {
+            inv[c] = pos;
+        }
+        inv
+    }
+}
+
+/// The tap that regenerates channels at the defended sites.
+pub struct Regenerate<'a> {
+    /// The units.
+    pub frus: &'a FruSet,
+    /// Their placements (same order).
+    pub placements: &'a [Placement],
+    /// Running BN statistics (updated in training mode).
+    pub stats: &'a mut BnStats,
+    /// Training mode: BN on batch statistics, input made differentiable.
+    pub training: bool,
+    /// How many sites were regenerated in the last pass.
+    pub visited: usize,
+}
+
+fn index(v: &[usize], device: &Device) -> Tensor<1, Int> {
+    let d: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(d, [v.len()]), device)
+}
+
+impl Tap for Regenerate<'_> {
+    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
+        let Some(i) = self.placements.iter().position(|p| p.site == site) else {
+            return x;
+        };
+        let p = &self.placements[i];
+        let dev = self.frus.units[i].w1.val().device();
+        let x = if self.training { x.autodiff() } else { x };
+        let top = x.clone().select(1, index(&p.regen, &dev));
+        let rest = x.select(1, index(&p.rest(), &dev));
+        let (m, v) = (&mut self.stats.mean[i], &mut self.stats.var[i]);
+        let y = self.frus.units[i].forward(top, m, v, self.training);
+        self.visited += 1;
+        Tensor::cat(vec![y, rest], 1).select(1, index(&p.inverse(), &dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_inverse_restores_order() {
+        let p = Placement {
+            site: "s".into(),
+            channels: 5,
+            regen: vec![3, 0],
+        };
+        assert_eq!(p.rest(), vec![1, 2, 4]);
+        let perm: Vec<usize> = p.regen.iter().chain(p.rest().iter()).copied().collect();
+        let inv = p.inverse();
+        for c in 0..5 {
+            assert_eq!(perm[inv[c]], c);
+        }
+    }
+
+    #[test]
+    fn untrained_fru_is_the_identity() {
+        let dev = crate::device::default_device();
+        let fru = Fru::new(4, 6, &dev);
+        let x: Tensor<4> = Tensor::random([2, 4, 5, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let mut m = [vec![0.0; 6], vec![0.0; 6], vec![0.0; 6]];
+        let mut v = [vec![1.0; 6], vec![1.0; 6], vec![1.0; 6]];
+        let y = fru.forward(x.clone(), &mut m, &mut v, false);
+        let a = x.into_data().try_into_vec::<f32>().unwrap();
+        let b = y.into_data().try_into_vec::<f32>().unwrap();
+        assert_eq!(a, b);
+    }
+}

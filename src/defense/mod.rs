@@ -1,0 +1,509 @@
+//! The defence: Selective Feature Regeneration (Borkar, Heide, Karam, CVPR 2020).
+//!
+//! Rank each chosen site's filters by ℓ1 norm ([`ranking`]), regenerate the most susceptible half
+//! of its output with a Feature Regeneration Unit ([`fru`]) through the model's taps, and train
+//! only the units on clean and perturbed images ([`train`]) with real or synthetic perturbations
+//! ([`synthetic`]). The backbone stays frozen, batch-norm statistics included.
+
+pub mod fru;
+pub mod ranking;
+pub mod synthetic;
+pub mod train;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, SfrError};
+use crate::weights::{self, RawTensor, TensorMap};
+use crate::zoo::Model;
+use fru::{BnStats, Fru, FruSet, Placement, Regenerate};
+
+/// How channels to regenerate are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// The paper's rule: the largest ℓ1 filter norms.
+    Ranked,
+    /// An ablation: channels drawn at random (same budget).
+    Random,
+}
+
+/// The paper's placements (mapped to sfr's site names) and sfr's rule for the other networks.
+pub fn default_sites(model: &Model) -> Result<Vec<String>> {
+    let name = model.spec().name;
+    let v: Vec<&str> = match name {
+        // The paper's release: CaffeNet and VGG-F conv1–conv5.
+        "caffenet" | "vgg_f" => vec!["conv1", "conv2", "conv3", "conv4", "conv5"],
+        // VGG-16 conv1_1, 1_2, 2_1, 3_1, 4_1, 5_1.
+        "vgg16" => vec![
+            "features.0",
+            "features.2",
+            "features.5",
+            "features.10",
+            "features.17",
+            "features.24",
+        ],
+        // GoogLeNet: conv1, conv2 and the 3×3 and "5×5" branches of 3a, 3b, 4a, 4b, 4d, 5a.
+        "googlenet" => {
+            let mut v = vec!["conv1.conv", "conv3.conv"];
+            v.extend([
+                "inception3a.branch2.1.conv",
+                "inception3a.branch3.1.conv",
+                "inception3b.branch2.1.conv",
+                "inception3b.branch3.1.conv",
+                "inception4a.branch2.1.conv",
+                "inception4a.branch3.1.conv",
+                "inception4b.branch2.1.conv",
+                "inception4b.branch3.1.conv",
+                "inception4d.branch2.1.conv",
+                "inception4d.branch3.1.conv",
+                "inception5a.branch2.1.conv",
+                "inception5a.branch3.1.conv",
+            ]);
+            v
+        }
+        // ResNet-152: conv1 and the 3×3 convs of residual blocks 1, 4, 12, 24, 30, 48, counting
+        // blocks from 1 over layer1–4 (3, 8, 36, 3 blocks). The paper's network was a
+        // pre-activation ResNet; on torchvision's v1.5 these are the corresponding blocks.
+        "resnet152" => vec![
+            "conv1",
+            "layer1.0.conv2",
+            "layer2.0.conv2",
+            "layer3.0.conv2",
+            "layer3.12.conv2",
+            "layer3.18.conv2",
+            "layer4.0.conv2",
+        ],
+        // sfr's rule for networks the paper did not defend (at most 6 early sites): the stem conv
+        // and the linear projections of the first five blocks, the narrow outputs that carry the
+        // residual stream forward.
+        "mobilenet_v2" => vec![
+            "features.0.0",
+            "features.1.conv.1",
+            "features.2.conv.2",
+            "features.3.conv.2",
+            "features.4.conv.2",
+            "features.5.conv.2",
+        ],
+        n if n.starts_with("efficientnet_lite") => vec![
+            "_conv_stem",
+            "_blocks.0._project_conv",
+            "_blocks.1._project_conv",
+            "_blocks.2._project_conv",
+            "_blocks.3._project_conv",
+            "_blocks.4._project_conv",
+        ],
+        "resnet18" | "resnet50" => vec![
+            "conv1",
+            "layer1.0.conv1",
+            "layer1.0.conv2",
+            "layer1.1.conv1",
+            "layer1.1.conv2",
+            "layer2.0.conv1",
+        ],
+        "alexnet" => vec![
+            "features.0",
+            "features.3",
+            "features.6",
+            "features.8",
+            "features.10",
+        ],
+        other => {
+            return Err(SfrError::param(
+                "--sites",
+                format!("no default sites for `{other}`; name them with --sites"),
+            ));
+        }
+    };
+    Ok(v.into_iter().map(String::from).collect())
+}
+
+/// A fingerprint of the backbone: SHA-256 over the names, shapes and weights of every conv.
+pub fn backbone_fingerprint(model: &Model) -> String {
+    let mut h = Sha256::new();
+    h.update(model.spec().name.as_bytes());
+    for s in model.sites() {
+        h.update(s.name.as_bytes());
+        if let Some(c) = model.conv(&s.name)
+            && let Ok(v) = c.weight.clone().into_data().try_into_vec::<f32>()
+        {
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a defence file records besides its weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefenseMeta {
+    /// The backbone architecture.
+    pub model: String,
+    /// [`backbone_fingerprint`] of the backbone it was trained on.
+    pub backbone: String,
+    /// Sites, in forward order.
+    pub sites: Vec<String>,
+    /// Channels per site.
+    pub channels: Vec<usize>,
+    /// Regenerated channels per site (ranked order).
+    pub regen: Vec<Vec<usize>>,
+    /// FRU width D per site.
+    pub width: Vec<usize>,
+    /// Channel selection rule.
+    pub selection: Selection,
+    /// Fraction of channels regenerated.
+    pub fraction: f64,
+    /// Training configuration and what was measured while training.
+    pub training: serde_json::Value,
+    /// sfr version.
+    pub sfr_version: String,
+}
+
+/// A trained (or untrained) defence for one backbone.
+pub struct Defense {
+    /// Metadata.
+    pub meta: DefenseMeta,
+    /// The units.
+    pub frus: FruSet,
+    /// Their BN running statistics.
+    pub stats: BnStats,
+}
+
+/// Options for planting FRUs.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Sites (empty: the defaults).
+    pub sites: Vec<String>,
+    /// Fraction of each site's channels to regenerate (the paper: ½).
+    pub fraction: f64,
+    /// FRU width D as a multiple of N (the paper's default: 1).
+    pub width_ratio: f64,
+    /// Ranked or random channels.
+    pub selection: Selection,
+    /// Seed (random selection and FRU initialisation).
+    pub seed: u64,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            sites: Vec::new(),
+            fraction: 0.5,
+            width_ratio: 1.0,
+            selection: Selection::Ranked,
+            seed: 0,
+        }
+    }
+}
+
+impl Defense {
+    /// Fresh (identity) FRUs at the chosen sites of `model`, on `device`.
+    pub fn plant(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
+        if !(opts.fraction > 0.0 && opts.fraction <= 1.0) {
+            return Err(SfrError::param(
+                "--fraction",
+                format!("must be in (0, 1], got {}", opts.fraction),
+            ));
+        }
+        if !(opts.width_ratio > 0.0 && opts.width_ratio.is_finite()) {
+            return Err(SfrError::param(
+                "--width",
+                format!("must be positive, got {}", opts.width_ratio),
+            ));
+        }
+        let sites = if opts.sites.is_empty() {
+            default_sites(model)?
+        } else {
+            opts.sites.clone()
+        };
+        // Forward order, as the taps see them.
+        let all = model.sites();
+        let mut ordered: Vec<String> = Vec::new();
+        for s in &all {
+            if sites.contains(&s.name) {
+                ordered.push(s.name.clone());
+            }
+        }
+        if let Some(bad) = sites.iter().find(|s| !ordered.contains(s)) {
+            return Err(SfrError::param(
+                "--sites",
+                format!(
+                    "`{bad}` is not a site of {} (`sfr rank` lists them)",
+                    model.spec().name
+                ),
+            ));
+        }
+        burn::tensor::Device::seed(device, opts.seed);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(opts.seed);
+        let mut meta = DefenseMeta {
+            model: model.spec().name.to_string(),
+            backbone: backbone_fingerprint(model),
+            sites: Vec::new(),
+            channels: Vec::new(),
+            regen: Vec::new(),
+            width: Vec::new(),
+            selection: opts.selection,
+            fraction: opts.fraction,
+            training: serde_json::Value::Null,
+            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut units = Vec::new();
+        for s in &ordered {
+            let r = ranking::rank_site(model, s)?;
+            let c = r.order.len();
+            let n = ((c as f64 * opts.fraction).floor() as usize).max(1);
+            let regen: Vec<usize> = match opts.selection {
+                Selection::Ranked => r.order[..n].to_vec(),
+                Selection::Random => {
+                    use rand::seq::SliceRandom;
+                    let mut idx: Vec<usize> = (0..c).collect();
+                    idx.shuffle(&mut rng);
+                    idx.truncate(n);
+                    idx
+                }
+            };
+            let d = ((n as f64 * opts.width_ratio).round() as usize).max(1);
+            units.push(Fru::new(n, d, device));
+            meta.sites.push(s.clone());
+            meta.channels.push(c);
+            meta.regen.push(regen);
+            meta.width.push(d);
+        }
+        let stats = BnStats::new(&meta.width);
+        Ok(Defense {
+            meta,
+            frus: FruSet { units },
+            stats,
+        })
+    }
+
+    /// Placements of the units.
+    pub fn placements(&self) -> Vec<Placement> {
+        self.meta
+            .sites
+            .iter()
+            .zip(&self.meta.channels)
+            .zip(&self.meta.regen)
+            .map(|((s, &c), r)| Placement {
+                site: s.clone(),
+                channels: c,
+                regen: r.clone(),
+            })
+            .collect()
+    }
+
+    /// Fail unless this defence belongs to `model`'s backbone.
+    pub fn check_backbone(&self, model: &Model) -> Result<()> {
+        if self.meta.model != model.spec().name {
+            return Err(SfrError::param(
+                "--defense",
+                format!(
+                    "this defence was trained for `{}`, not `{}`",
+                    self.meta.model,
+                    model.spec().name
+                ),
+            ));
+        }
+        if self.meta.backbone != backbone_fingerprint(model) {
+            return Err(SfrError::param(
+                "--defense",
+                format!(
+                    "this defence was trained on other `{}` weights (backbone fingerprint differs); load the weights it was trained with",
+                    self.meta.model
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Logits of the defended network for RGB pixels on the 0–255 scale (inference mode).
+    pub fn forward_pixels(&mut self, model: &Model, pixels: Tensor<4>) -> Tensor<2> {
+        let placements = self.placements();
+        let mut tap = Regenerate {
+            frus: &self.frus,
+            placements: &placements,
+            stats: &mut self.stats,
+            training: false,
+            visited: 0,
+        };
+        model.forward_pixels(pixels, &mut tap)
+    }
+
+    /// Save as safetensors (FRU weights, BN statistics, placements and training configuration
+    /// in the metadata), atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = TensorMap::new();
+        let put = |map: &mut TensorMap, k: String, t: Tensor<4>| -> Result<()> {
+            let shape = t.dims().to_vec();
+            let data = t
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| SfrError::param("defense", format!("{e:?}")))?;
+            map.insert(k, RawTensor { shape, data });
+            Ok(())
+        };
+        let put1 = |map: &mut TensorMap, k: String, t: Tensor<1>| -> Result<()> {
+            let shape = t.dims().to_vec();
+            let data = t
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| SfrError::param("defense", format!("{e:?}")))?;
+            map.insert(k, RawTensor { shape, data });
+            Ok(())
+        };
+        for (i, u) in self.frus.units.iter().enumerate() {
+            put(&mut map, format!("fru.{i}.w1"), u.w1.val())?;
+            put(&mut map, format!("fru.{i}.w2"), u.w2.val())?;
+            put(&mut map, format!("fru.{i}.w3"), u.w3.val())?;
+            put(&mut map, format!("fru.{i}.w4"), u.w4.val())?;
+            for (j, (g, b)) in [(&u.g1, &u.b1), (&u.g2, &u.b2), (&u.g3, &u.b3)]
+                .into_iter()
+                .enumerate()
+            {
+                put1(&mut map, format!("fru.{i}.bn{}.weight", j + 1), g.val())?;
+                put1(&mut map, format!("fru.{i}.bn{}.bias", j + 1), b.val())?;
+                let d = self.stats.mean[i][j].len();
+                map.insert(
+                    format!("fru.{i}.bn{}.running_mean", j + 1),
+                    RawTensor {
+                        shape: vec![d],
+                        data: self.stats.mean[i][j].clone(),
+                    },
+                );
+                map.insert(
+                    format!("fru.{i}.bn{}.running_var", j + 1),
+                    RawTensor {
+                        shape: vec![d],
+                        data: self.stats.var[i][j].clone(),
+                    },
+                );
+            }
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert(
+            "sfr_defense".to_string(),
+            serde_json::to_string(&self.meta)
+                .map_err(|e| SfrError::param("defense", e.to_string()))?,
+        );
+        meta.insert("format".to_string(), "sfr-defense-v1".to_string());
+        weights::save_safetensors(&map, &meta, path)?;
+        Ok(())
+    }
+
+    /// Load a defence file for `model` (checking that it belongs to this backbone) onto `device`.
+    pub fn load(path: &Path, model: &Model, device: &Device) -> Result<Self> {
+        let md = weights::read_safetensors_metadata(path)?;
+        let meta: DefenseMeta = match md.get("sfr_defense") {
+            Some(j) => serde_json::from_str(j).map_err(|e| {
+                SfrError::param(
+                    "--defense",
+                    format!("{}: unreadable metadata: {e}", path.display()),
+                )
+            })?,
+            None => {
+                return Err(SfrError::param(
+                    "--defense",
+                    format!(
+                        "{} is not an sfr defence file (no `sfr_defense` metadata)",
+                        path.display()
+                    ),
+                ));
+            }
+        };
+        let mut map = weights::load(path)?;
+        let d = Defense {
+            meta: meta.clone(),
+            frus: FruSet { units: Vec::new() },
+            stats: BnStats::new(&meta.width),
+        };
+        d.check_backbone(model)
+            .map_err(|e| SfrError::param("--defense", format!("{}: {e}", path.display())))?;
+        let mut take = |k: String, shape: Vec<usize>| -> Result<Vec<f32>> {
+            let t = map.remove(&k).ok_or_else(|| {
+                SfrError::param(
+                    "--defense",
+                    format!("{} lacks tensor `{k}`", path.display()),
+                )
+            })?;
+            if t.shape != shape {
+                return Err(SfrError::param(
+                    "--defense",
+                    format!(
+                        "{}: `{k}` has shape {:?}, expected {shape:?}",
+                        path.display(),
+                        t.shape
+                    ),
+                ));
+            }
+            if t.data.iter().any(|v| !v.is_finite()) {
+                return Err(SfrError::param(
+                    "--defense",
+                    format!("{}: `{k}` holds NaN or infinite values", path.display()),
+                ));
+            }
+            Ok(t.data)
+        };
+        let mut units = Vec::new();
+        let mut stats = BnStats::new(&meta.width);
+        for (i, (&dw, regen)) in meta.width.iter().zip(&meta.regen).enumerate() {
+            let n = regen.len();
+            let t4 = |v: Vec<f32>, s: [usize; 4]| {
+                Param::from_tensor(Tensor::from_data(TensorData::new(v, s), device))
+            };
+            let t1 = |v: Vec<f32>| {
+                Param::from_tensor(Tensor::from_data(TensorData::new(v, [dw]), device))
+            };
+            let w1 = t4(
+                take(format!("fru.{i}.w1"), vec![dw, n, 1, 1])?,
+                [dw, n, 1, 1],
+            );
+            let w2 = t4(
+                take(format!("fru.{i}.w2"), vec![dw, dw, 3, 3])?,
+                [dw, dw, 3, 3],
+            );
+            let w3 = t4(
+                take(format!("fru.{i}.w3"), vec![dw, dw, 3, 3])?,
+                [dw, dw, 3, 3],
+            );
+            let w4 = t4(
+                take(format!("fru.{i}.w4"), vec![n, dw, 1, 1])?,
+                [n, dw, 1, 1],
+            );
+            let mut gb = Vec::new();
+            for j in 1..=3 {
+                gb.push(t1(take(format!("fru.{i}.bn{j}.weight"), vec![dw])?));
+                gb.push(t1(take(format!("fru.{i}.bn{j}.bias"), vec![dw])?));
+                stats.mean[i][j - 1] = take(format!("fru.{i}.bn{j}.running_mean"), vec![dw])?;
+                stats.var[i][j - 1] = take(format!("fru.{i}.bn{j}.running_var"), vec![dw])?;
+            }
+            let mut gb = gb.into_iter();
+            let mut next = || {
+                gb.next()
+                    .ok_or_else(|| SfrError::param("--defense", "internal: missing BN parameter"))
+            };
+            units.push(Fru {
+                w1,
+                g1: next()?,
+                b1: next()?,
+                w2,
+                g2: next()?,
+                b2: next()?,
+                w3,
+                g3: next()?,
+                b3: next()?,
+                w4,
+            });
+        }
+        Ok(Defense {
+            meta,
+            frus: FruSet { units }.no_grad(),
+            stats,
+        })
+    }
+}

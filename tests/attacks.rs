@@ -1,0 +1,281 @@
+//! Attacks end to end on small real data: budgets hold, runs repeat exactly from a seed, a killed
+//! run resumes from its checkpoint to the same result, and published perturbations import so that
+//! their fooling rate matches a PyTorch script of the same protocol.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sfr::perturbation::Perturbation;
+
+fn sfr_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sfr"))
+}
+
+fn foolbox() -> PathBuf {
+    sfr::fetch::fetch_named("foolbox-imagenet", &mut |m| eprintln!("{m}"))
+        .expect("fetch foolbox images")
+}
+
+fn run_attack(args: &[&str]) -> serde_json::Value {
+    let o = sfr_cmd()
+        .args(args)
+        .arg("--json")
+        .arg("--quiet")
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
+#[test]
+fn sgd_respects_budgets_and_repeats_from_its_seed() {
+    let data = foolbox();
+    let dir = common::scratch("attacks_sgd");
+    let d = data.to_str().unwrap();
+    for (norm, eps) in [("linf", "10"), ("l2", "2000")] {
+        let a = dir.join(format!("{norm}_a.safetensors"));
+        let b = dir.join(format!("{norm}_b.safetensors"));
+        for out in [&a, &b] {
+            let v = run_attack(&[
+                "attack",
+                "sgd",
+                "--data",
+                d,
+                "--norm",
+                norm,
+                "--eps",
+                eps,
+                "--epochs",
+                "2",
+                "--holdout",
+                "4",
+                "--batch-size",
+                "8",
+                "--seed",
+                "7",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(v["attack"], "sgd");
+            assert!(v["fooling_rate"].as_f64().is_some());
+        }
+        let pa = Perturbation::load(&a).expect("load");
+        let pb = Perturbation::load(&b).expect("load");
+        assert_eq!(
+            pa.data, pb.data,
+            "{norm}: the same seed gives the same perturbation"
+        );
+        let eps: f64 = eps.parse().unwrap();
+        let n = if norm == "linf" { pa.linf() } else { pa.l2() };
+        assert!(n <= eps * 1.0001, "{norm}: norm {n} over ξ = {eps}");
+        assert!(n > eps * 0.5, "{norm}: the attack moved (norm {n})");
+        assert_eq!(pa.meta.seed, Some(7));
+        assert_eq!(pa.meta.model.as_deref(), Some("mobilenet_v2"));
+    }
+}
+
+#[test]
+fn killed_sgd_resumes_to_the_same_result() {
+    let data = foolbox();
+    let dir = common::scratch("attacks_resume");
+    let d = data.to_str().unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "attack",
+            "sgd",
+            "--data",
+            d,
+            "--epochs",
+            "3",
+            "--holdout",
+            "4",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = dir.join("whole.safetensors");
+    let o = sfr_cmd().args(args(&whole)).output().expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let cut = dir.join("cut.safetensors");
+    let ckpt = dir.join("cut.safetensors.ckpt");
+    let _ = std::fs::remove_file(&cut);
+    let _ = std::fs::remove_file(&ckpt);
+    let mut child = sfr_cmd()
+        .args(args(&cut))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert!(!cut.exists(), "killed before the end: no output yet");
+    let mut resumed = args(&cut);
+    resumed.push("--resume".into());
+    let o = sfr_cmd().args(resumed).output().expect("resume");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !ckpt.exists(),
+        "the checkpoint is removed once the output is written"
+    );
+    let a = Perturbation::load(&whole).unwrap();
+    let b = Perturbation::load(&cut).unwrap();
+    assert_eq!(
+        a.data, b.data,
+        "resuming reproduces the uninterrupted run exactly"
+    );
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_of_another_run() {
+    let data = foolbox();
+    let dir = common::scratch("attacks_resume_other");
+    let out = dir.join("x.safetensors");
+    let ckpt = dir.join("x.safetensors.ckpt");
+    let mut map = sfr::weights::TensorMap::new();
+    map.insert(
+        "delta",
+        sfr::weights::RawTensor {
+            shape: vec![3, 224, 224],
+            data: vec![0.0; 3 * 224 * 224],
+        },
+    );
+    let meta = [
+        ("fingerprint".to_string(), "another run".to_string()),
+        ("epochs_done".to_string(), "1".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    sfr::weights::save_safetensors(&map, &meta, &ckpt).unwrap();
+    let o = sfr_cmd()
+        .args([
+            "attack",
+            "sgd",
+            "--data",
+            data.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--holdout",
+            "4",
+            "--resume",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another run"));
+}
+
+#[test]
+fn random_control_and_data_free_attacks_run() {
+    let data = foolbox();
+    let dir = common::scratch("attacks_misc");
+    let d = data.to_str().unwrap();
+    let r = dir.join("random.safetensors");
+    let v = run_attack(&[
+        "attack",
+        "random",
+        "--data",
+        d,
+        "--holdout",
+        "10",
+        "--out",
+        r.to_str().unwrap(),
+    ]);
+    assert_eq!(v["attack"], "random");
+    let p = Perturbation::load(&r).unwrap();
+    assert!((p.linf() - 10.0).abs() < 1e-4);
+    for (m, extra) in [("fff", vec![]), ("gduap", vec!["--prior", "range"])] {
+        let out = dir.join(format!("{m}.safetensors"));
+        let mut args = vec![
+            "attack",
+            m,
+            "--data",
+            d,
+            "--holdout",
+            "10",
+            "--iterations",
+            "3",
+        ];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let v = run_attack(&args);
+        assert_eq!(v["attack"], m);
+        let p = Perturbation::load(&out).unwrap();
+        assert!(p.linf() <= 10.0 + 1e-4);
+    }
+}
+
+/// Published perturbations applied to mobilenet_v2 on nips17 give the fooling rate a PyTorch
+/// script of the same protocol gives (`tools/torch_uap_eval.py`), within 1 point.
+#[test]
+fn published_perturbations_match_pytorch_fooling_rate() {
+    let Some(shared) = common::shared_dir() else {
+        return;
+    };
+    let Some(py) = common::torch_python() else {
+        return;
+    };
+    let weights = common::fetched("mobilenet_v2");
+    let data = shared.join("data/nips17");
+    let limit = 300;
+    let dev = sfr::device::default_device();
+    let model = sfr::zoo::load("mobilenet_v2", &weights, &dev).unwrap();
+    let ds = sfr::data::Dataset::open(&data, None).unwrap().limit(limit);
+    for rel in [
+        "attacks/lts4/VGG-16.mat",
+        "attacks/sfr-release/UAP/VGG16/vgg16_adv_iter_1.h5",
+    ] {
+        let file = shared.join(rel);
+        let p = Perturbation::load(&file).expect("import");
+        let r = sfr::eval::evaluate(
+            &model,
+            &ds,
+            &[(rel.to_string(), p)],
+            None,
+            &sfr::eval::EvalOptions::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let ours = r.attacked.expect("attacked").fooling_rate;
+        let o = Command::new(&py)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/torch_uap_eval.py"))
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--data")
+            .arg(&data)
+            .args(["--limit", &limit.to_string()])
+            .arg("--perturbation")
+            .arg(&file)
+            .output()
+            .expect("run torch_uap_eval.py");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let theirs = v["fooling_rate"].as_f64().unwrap();
+        eprintln!("{rel}: sfr fooling rate {ours:.4}, PyTorch {theirs:.4} ({limit} nips17 images)");
+        assert!(
+            (ours - theirs).abs() <= 0.01,
+            "{rel}: sfr {ours} vs PyTorch {theirs}"
+        );
+    }
+}
