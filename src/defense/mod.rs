@@ -13,7 +13,7 @@ pub mod train;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -502,7 +502,7 @@ impl Defense {
         }
         Ok(Defense {
             meta,
-            frus: FruSet { units }.no_grad(),
+            frus: FruSet { units },
             stats,
         })
     }

@@ -1,0 +1,154 @@
+//! The defence end to end on small real data: an untrained defence is the identity, a defence
+//! file round-trips and refuses another backbone, ranking is by ℓ1 norm, and a killed
+//! `sfr defend` resumes from its last epoch.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Tensor, TensorData};
+use sfr::defense::{Defense, PlanOptions, Selection};
+use sfr::zoo::{self, NoTap};
+
+fn mobilenet() -> zoo::Model {
+    let w = common::fetched("mobilenet_v2");
+    zoo::load("mobilenet_v2", &w, &sfr::device::default_device()).expect("load")
+}
+
+fn pixels(model: &zoo::Model) -> Tensor<4> {
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let ds = sfr::data::Dataset::open(&data, None).unwrap().limit(4);
+    let (b, _) = sfr::eval::load_batch(model, &ds.samples, true).unwrap();
+    b.unwrap().pixels
+}
+
+fn values(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}
+
+#[test]
+fn untrained_defence_is_the_identity_and_round_trips() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let base = values(model.forward_pixels(x.clone(), &mut NoTap));
+    let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    assert_eq!(d.meta.sites.len(), 6);
+    let out = values(d.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &out) < 1e-4, "zero-initialised FRUs change nothing");
+
+    // Perturb the FRUs so the round trip is meaningful, then save and load.
+    let w4 = d.frus.units[0].w4.val();
+    d.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.01));
+    let changed = values(d.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &changed) > 1e-4, "a non-zero FRU changes the output");
+    let path = common::scratch("defense").join("d.safetensors");
+    d.save(&path).unwrap();
+    let mut e = Defense::load(&path, &model, &dev).unwrap();
+    let again = values(e.forward_pixels(&model, x));
+    assert!(common::max_abs_diff(&changed, &again) < 1e-5, "load reproduces the saved defence");
+    assert_eq!(e.meta.regen, d.meta.regen);
+}
+
+#[test]
+fn defence_refuses_another_backbone() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    let path = common::scratch("defense").join("other.safetensors");
+    d.save(&path).unwrap();
+    let lite = zoo::load("efficientnet_lite0", &common::fetched("efficientnet_lite0"), &dev).unwrap();
+    let e = Defense::load(&path, &lite, &dev).err().expect("another architecture must fail");
+    assert!(e.to_string().contains("mobilenet_v2"), "{e}");
+    // Same architecture, other weights.
+    let mut map = sfr::weights::load(&common::fetched("mobilenet_v2")).unwrap();
+    let t = map.remove("features.0.0.weight").unwrap();
+    map.insert(
+        "features.0.0.weight",
+        sfr::weights::RawTensor { shape: t.shape.clone(), data: t.data.iter().map(|v| v * 1.01).collect() },
+    );
+    let other = zoo::build("mobilenet_v2", map, &dev).unwrap();
+    let e = Defense::load(&path, &other, &dev).err().expect("other weights must fail");
+    assert!(e.to_string().contains("fingerprint"), "{e}");
+}
+
+#[test]
+fn ranking_is_by_l1_norm_and_random_selection_differs() {
+    let model = mobilenet();
+    let r = sfr::defense::ranking::rank_site(&model, "features.0.0").unwrap();
+    let w = model.conv("features.0.0").unwrap().weight.clone().into_data().try_into_vec::<f32>().unwrap();
+    let per = 3 * 3 * 3;
+    for (j, l1) in r.l1.iter().enumerate() {
+        let direct: f64 = w[j * per..(j + 1) * per].iter().map(|v| v.abs() as f64).sum();
+        assert!((direct - l1).abs() < 1e-6);
+    }
+    for pair in r.order.windows(2) {
+        assert!(r.l1[pair[0]] >= r.l1[pair[1]]);
+    }
+    let dev = model.device().clone();
+    let ranked = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    assert_eq!(ranked.meta.regen[0], r.order[..16].to_vec());
+    let random = Defense::plant(&model, &PlanOptions { selection: Selection::Random, ..Default::default() }, &dev).unwrap();
+    assert_eq!(random.meta.regen[0].len(), 16);
+    assert_ne!(random.meta.regen, ranked.meta.regen);
+    assert!(sfr::defense::ranking::rank_site(&model, "no.such.site").is_err());
+}
+
+#[test]
+fn killed_defend_resumes_losing_at_most_one_epoch() {
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let dir = common::scratch("defense_resume");
+    // A training perturbation: the random control is enough to exercise the loop.
+    let uap = dir.join("uap.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(["attack", "random", "--quiet", "--holdout", "2", "--data", data.to_str().unwrap(), "--out"])
+        .arg(&uap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: PathBuf = dir.join("d.safetensors");
+    let ckpt = dir.join("d.safetensors.ckpt");
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&ckpt);
+    let args = |resume: bool| {
+        let mut v: Vec<String> = ["defend", "--quiet", "--epochs", "3", "--batch-size", "4", "--val", "2", "--data"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.push(data.display().to_string());
+        v.extend(["--uap".into(), uap.display().to_string(), "--out".into(), out.display().to_string()]);
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(args(false))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Mid-epoch 2.
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    let _ = child.wait();
+    let meta = sfr::weights::read_safetensors_metadata(&ckpt).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
+    let done = done["training"]["epochs_done"].as_u64().unwrap();
+    assert!(done >= 1, "the checkpoint holds at least the first epoch");
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr")).args(args(true)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = sfr::weights::read_safetensors_metadata(&out).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
+    assert_eq!(m["training"]["epochs_done"], 3);
+    assert_eq!(m["training"]["validation"].as_array().map(|v| v.len()), Some(3), "one validation per epoch, none lost");
+    assert!(!ckpt.exists());
+    let _ = TensorData::new(vec![0f32], [1]);
+}
