@@ -419,10 +419,13 @@ fn models(json: bool) -> Result<()> {
             zoo::ResizeMode::ShorterSide => format!("short {}", s.resize),
             zoo::ResizeMode::Squash => format!("{0}x{0}", s.resize),
         };
-        let fetchable = match s.fetch {
+        let mut fetchable = match s.fetch {
             Some(a) => format!(" [sfr fetch {a}]"),
             None => String::new(),
         };
+        for m in s.measured {
+            fetchable.push_str(&format!(" [top-1 {:.3} on {}]", m.top1, m.data));
+        }
         println!(
             "{:<20} {:>5} {:>12}  {:<32}  {}{}",
             s.name,
