@@ -271,6 +271,27 @@ struct AttackArgs {
     /// fff, gduap: sites to maximise (default: every conv).
     #[arg(long, value_delimiter = ',')]
     sites: Vec<String>,
+    /// deepfool: candidate classes.
+    #[arg(long, default_value_t = 10)]
+    candidates: usize,
+    /// deepfool: overshoot.
+    #[arg(long, default_value_t = 0.02)]
+    overshoot: f64,
+    /// deepfool: DeepFool iterations at most.
+    #[arg(long, default_value_t = 10)]
+    max_iter: usize,
+    /// deepfool: stop once a pass fools 1 − δ of the training images.
+    #[arg(long, default_value_t = 0.2)]
+    delta: f64,
+    /// deepfool: passes at most.
+    #[arg(long, default_value_t = 10)]
+    max_passes: usize,
+    /// deepfool: the exact sequential original (one image at a time).
+    #[arg(long)]
+    per_image: bool,
+    /// deepfool: visit at most this many images per pass.
+    #[arg(long)]
+    max_images_per_pass: Option<usize>,
     /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
     #[arg(long)]
     resume: bool,
@@ -283,6 +304,8 @@ struct AttackArgs {
 enum Method {
     /// SGD-UAP / sPGD: batched sign steps on clamped cross-entropy.
     Sgd,
+    /// The original UAP algorithm with DeepFool steps (batched: a batch shares v).
+    Deepfool,
     /// FFF: data-free, maximise log mean |activation| at the sites.
     Fff,
     /// GD-UAP: maximise log ‖activation‖² with an optional prior.
@@ -787,6 +810,18 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
     if a.method == Method::Sgd {
         sgd.validate()?;
     }
+    let deepfool = attack::deepfool::DeepFoolConfig {
+        candidates: a.candidates,
+        overshoot: a.overshoot,
+        max_iter: a.max_iter,
+        delta: a.delta,
+        max_passes: a.max_passes,
+        per_image: a.per_image,
+        max_images_per_pass: a.max_images_per_pass,
+    };
+    if a.method == Method::Deepfool {
+        deepfool.validate()?;
+    }
     let act = |objective| {
         let mut c = ActivationConfig::new(
             objective,
@@ -820,7 +855,8 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
     let mut last = (String::new(), None);
     let mut report = |p: &attack::Progress| {
         // Without a terminal, one line per phase and per new held-out measurement.
-        if lines && (p.phase != last.0 || p.holdout_fooling_rate != last.1) {
+        let phase = p.phase.split(" (").next().unwrap_or("").to_string();
+        if lines && (phase != last.0 || p.holdout_fooling_rate != last.1) {
             eprintln!(
                 "{}{}",
                 p.phase,
@@ -828,7 +864,7 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
                     .map(|f| format!(": held-out fooling rate {f:.4}"))
                     .unwrap_or_default()
             );
-            last = (p.phase.clone(), p.holdout_fooling_rate);
+            last = (phase, p.holdout_fooling_rate);
         }
         pb.set_length(p.total as u64);
         pb.set_position(p.done as u64);
@@ -857,6 +893,7 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     let p = match a.method {
         Method::Sgd => attack::sgd::run(&sgd, &mut ctx)?,
+        Method::Deepfool => attack::deepfool::run(&deepfool, &mut ctx)?,
         Method::Fff => attack::activations::run(&act(Objective::Fff), &mut ctx)?,
         Method::Gduap => attack::activations::run(&act(Objective::GdUap), &mut ctx)?,
         Method::Random => attack::random::run(&mut ctx)?,

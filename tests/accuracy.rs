@@ -18,8 +18,15 @@ fn check(model_name: &str, data: &str) {
     let weights = common::fetched(model_name);
     let model = zoo::load(model_name, &weights, &sfr::device::default_device()).expect("load");
     let ds = Dataset::open(shared.join("data").join(data), None).expect("data");
-    let r =
-        eval::evaluate(&model, &ds, &[], None, &EvalOptions::default(), &mut |_, _| {}).expect("eval");
+    let r = eval::evaluate(
+        &model,
+        &ds,
+        &[],
+        None,
+        &EvalOptions::default(),
+        &mut |_, _| {},
+    )
+    .expect("eval");
     let want = find(&reference, model_name, data, "top1");
     let want5 = find(&reference, model_name, data, "top5");
     eprintln!(

@@ -37,18 +37,27 @@ fn untrained_defence_is_the_identity_and_round_trips() {
     let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
     assert_eq!(d.meta.sites.len(), 6);
     let out = values(d.forward_pixels(&model, x.clone()));
-    assert!(common::max_abs_diff(&base, &out) < 1e-4, "zero-initialised FRUs change nothing");
+    assert!(
+        common::max_abs_diff(&base, &out) < 1e-4,
+        "zero-initialised FRUs change nothing"
+    );
 
     // Perturb the FRUs so the round trip is meaningful, then save and load.
     let w4 = d.frus.units[0].w4.val();
     d.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.01));
     let changed = values(d.forward_pixels(&model, x.clone()));
-    assert!(common::max_abs_diff(&base, &changed) > 1e-4, "a non-zero FRU changes the output");
+    assert!(
+        common::max_abs_diff(&base, &changed) > 1e-4,
+        "a non-zero FRU changes the output"
+    );
     let path = common::scratch("defense").join("d.safetensors");
     d.save(&path).unwrap();
     let mut e = Defense::load(&path, &model, &dev).unwrap();
     let again = values(e.forward_pixels(&model, x));
-    assert!(common::max_abs_diff(&changed, &again) < 1e-5, "load reproduces the saved defence");
+    assert!(
+        common::max_abs_diff(&changed, &again) < 1e-5,
+        "load reproduces the saved defence"
+    );
     assert_eq!(e.meta.regen, d.meta.regen);
 }
 
@@ -59,18 +68,30 @@ fn defence_refuses_another_backbone() {
     let d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
     let path = common::scratch("defense").join("other.safetensors");
     d.save(&path).unwrap();
-    let lite = zoo::load("efficientnet_lite0", &common::fetched("efficientnet_lite0"), &dev).unwrap();
-    let e = Defense::load(&path, &lite, &dev).err().expect("another architecture must fail");
+    let lite = zoo::load(
+        "efficientnet_lite0",
+        &common::fetched("efficientnet_lite0"),
+        &dev,
+    )
+    .unwrap();
+    let e = Defense::load(&path, &lite, &dev)
+        .err()
+        .expect("another architecture must fail");
     assert!(e.to_string().contains("mobilenet_v2"), "{e}");
     // Same architecture, other weights.
     let mut map = sfr::weights::load(&common::fetched("mobilenet_v2")).unwrap();
     let t = map.remove("features.0.0.weight").unwrap();
     map.insert(
         "features.0.0.weight",
-        sfr::weights::RawTensor { shape: t.shape.clone(), data: t.data.iter().map(|v| v * 1.01).collect() },
+        sfr::weights::RawTensor {
+            shape: t.shape.clone(),
+            data: t.data.iter().map(|v| v * 1.01).collect(),
+        },
     );
     let other = zoo::build("mobilenet_v2", map, &dev).unwrap();
-    let e = Defense::load(&path, &other, &dev).err().expect("other weights must fail");
+    let e = Defense::load(&path, &other, &dev)
+        .err()
+        .expect("other weights must fail");
     assert!(e.to_string().contains("fingerprint"), "{e}");
 }
 
@@ -78,10 +99,20 @@ fn defence_refuses_another_backbone() {
 fn ranking_is_by_l1_norm_and_random_selection_differs() {
     let model = mobilenet();
     let r = sfr::defense::ranking::rank_site(&model, "features.0.0").unwrap();
-    let w = model.conv("features.0.0").unwrap().weight.clone().into_data().try_into_vec::<f32>().unwrap();
+    let w = model
+        .conv("features.0.0")
+        .unwrap()
+        .weight
+        .clone()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
     let per = 3 * 3 * 3;
     for (j, l1) in r.l1.iter().enumerate() {
-        let direct: f64 = w[j * per..(j + 1) * per].iter().map(|v| v.abs() as f64).sum();
+        let direct: f64 = w[j * per..(j + 1) * per]
+            .iter()
+            .map(|v| v.abs() as f64)
+            .sum();
         assert!((direct - l1).abs() < 1e-6);
     }
     for pair in r.order.windows(2) {
@@ -90,7 +121,15 @@ fn ranking_is_by_l1_norm_and_random_selection_differs() {
     let dev = model.device().clone();
     let ranked = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
     assert_eq!(ranked.meta.regen[0], r.order[..16].to_vec());
-    let random = Defense::plant(&model, &PlanOptions { selection: Selection::Random, ..Default::default() }, &dev).unwrap();
+    let random = Defense::plant(
+        &model,
+        &PlanOptions {
+            selection: Selection::Random,
+            ..Default::default()
+        },
+        &dev,
+    )
+    .unwrap();
     assert_eq!(random.meta.regen[0].len(), 16);
     assert_ne!(random.meta.regen, ranked.meta.regen);
     assert!(sfr::defense::ranking::rank_site(&model, "no.such.site").is_err());
@@ -103,7 +142,16 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
     // A training perturbation: the random control is enough to exercise the loop.
     let uap = dir.join("uap.safetensors");
     let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
-        .args(["attack", "random", "--quiet", "--holdout", "2", "--data", data.to_str().unwrap(), "--out"])
+        .args([
+            "attack",
+            "random",
+            "--quiet",
+            "--holdout",
+            "2",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+        ])
         .arg(&uap)
         .output()
         .unwrap();
@@ -113,12 +161,27 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(&ckpt);
     let args = |resume: bool| {
-        let mut v: Vec<String> = ["defend", "--quiet", "--epochs", "3", "--batch-size", "4", "--val", "2", "--data"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "defend",
+            "--quiet",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--val",
+            "2",
+            "--data",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.push(data.display().to_string());
-        v.extend(["--uap".into(), uap.display().to_string(), "--out".into(), out.display().to_string()]);
+        v.extend([
+            "--uap".into(),
+            uap.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ]);
         if resume {
             v.push("--resume".into());
         }
@@ -132,7 +195,10 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
         .unwrap();
     let t0 = Instant::now();
     while !ckpt.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Mid-epoch 2.
@@ -143,12 +209,19 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
     let done: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
     let done = done["training"]["epochs_done"].as_u64().unwrap();
     assert!(done >= 1, "the checkpoint holds at least the first epoch");
-    let o = Command::new(env!("CARGO_BIN_EXE_sfr")).args(args(true)).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(args(true))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let meta = sfr::weights::read_safetensors_metadata(&out).unwrap();
     let m: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
     assert_eq!(m["training"]["epochs_done"], 3);
-    assert_eq!(m["training"]["validation"].as_array().map(|v| v.len()), Some(3), "one validation per epoch, none lost");
+    assert_eq!(
+        m["training"]["validation"].as_array().map(|v| v.len()),
+        Some(3),
+        "one validation per epoch, none lost"
+    );
     assert!(!ckpt.exists());
     let _ = TensorData::new(vec![0f32], [1]);
 }

@@ -6,6 +6,7 @@
 //! exactly from its seed.
 
 pub mod activations;
+pub mod deepfool;
 pub mod random;
 pub mod sgd;
 

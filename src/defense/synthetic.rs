@@ -6,10 +6,22 @@
 //! while ‖v_syn‖₂ ≤ η:  α ~ U(0,1);  v_new ~ uniform from V;  v_syn = α·v_new + (1−α)·v_syn
 //! ```
 //! Each step is a convex combination, so ‖v_syn‖∞ stays within the set's ℓ∞ budget.
+//!
+//! One change, for termination: a convex combination is never longer than the longest vector
+//! combined, so when every v in V has the same ℓ2 norm (ℓ2 UAPs all sit on the radius ξ) the
+//! literal loop never ends, and when the norms are close it runs for a long time and returns
+//! little more than one of the originals. sfr stops once ‖v_syn‖₂ ≥ ρ·η, with ρ = 0.9
+//! ([`STOP_RATIO`]), and after at most [`MAX_STEPS`] steps.
 
 use rand::Rng;
 
 use crate::error::{Result, SfrError};
+
+/// The loop stops once ‖v_syn‖₂ reaches this fraction of η.
+pub const STOP_RATIO: f64 = 0.9;
+
+/// The most convex-combination steps per draw.
+pub const MAX_STEPS: usize = 1000;
 
 /// Draws synthetic perturbations from a set of real ones.
 pub struct Synthesizer<'a> {
@@ -49,9 +61,8 @@ impl<'a> Synthesizer<'a> {
     /// One synthetic perturbation.
     pub fn draw(&self, rng: &mut impl Rng) -> Vec<f32> {
         let mut v = vec![0f32; self.set[0].len()];
-        // The loop ends almost surely; the bound only guards against pathological sets.
-        for _ in 0..10_000 {
-            if l2(&v) > self.eta {
+        for _ in 0..MAX_STEPS {
+            if l2(&v) >= STOP_RATIO * self.eta {
                 break;
             }
             let a: f32 = rng.random();
@@ -80,11 +91,14 @@ mod tests {
             })
             .collect();
         let s = Synthesizer::new(&set).unwrap();
-        for _ in 0..20 {
-            let v = s.draw(&mut rng);
+        let draws: Vec<Vec<f32>> = (0..20).map(|_| s.draw(&mut rng)).collect();
+        for v in &draws {
             assert!(v.iter().all(|x| x.abs() <= 10.0 + 1e-4));
-            assert!(l2(&v) > s.eta);
+            assert!(l2(v) >= STOP_RATIO * s.eta);
         }
+        // Draws differ from each other and from the members.
+        assert!(draws.windows(2).any(|w| w[0] != w[1]));
+        assert!(draws.iter().any(|v| set.iter().all(|m| m != v)));
     }
 
     #[test]

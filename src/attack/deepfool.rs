@@ -1,0 +1,666 @@
+//! UAP (Moosavi-Dezfooli et al., CVPR 2017): the original universal-perturbation algorithm with
+//! DeepFool inner steps.
+//!
+//! v = 0; passes over the shuffled training images (order from [`super::epoch_order`]); every image
+//! still labelled as clean (k(x+v) = k(x), k the clean prediction) gets DeepFool at x+v (top-10
+//! candidate classes at the start of DeepFool, overshoot 0.02, at most 10 iterations); if DeepFool
+//! converged (the label changed within the iterations) its minimal perturbation Δv is added to v
+//! and v is projected on the ξ-ball (ℓ∞: clip; ℓ2: scale). A pass's training fooling rate is
+//! measured during the pass: the fraction of visited images already fooled by v when visited. The
+//! attack stops once it reaches 1−δ (δ = 0.2) or after 10 passes.
+//!
+//! DeepFool (reference code of the authors): with f the logits, l the label at x+v and k over the
+//! other candidates, w_k = ∇f_k − ∇f_l, f'_k = f_k − f_l; pick k minimising |f'_k|/‖w_k‖₂, step
+//! r = (|f'_k|/‖w_k‖₂ + 1e-4)·w_k/‖w_k‖₂, r_tot += r, x_i = x + (1+overshoot)·r_tot, until the label
+//! of x_i differs from l; return (1+overshoot)·r_tot. Pixels are clipped to [0, 255] in every
+//! forward pass when the run clips; gradients are taken at the clipped point.
+//!
+//! **Batched where the algorithm allows** (the default): the pass takes the next B images that v
+//! does not fool yet (B = the run's batch size), runs DeepFool on all of them at once at the
+//! current v, then adds their converged Δv's to v one after another, projecting after each, in
+//! the order of the shuffled pass. Within a batch every image sees the same v (the original
+//! updates v after every image), which is the one departure from the original. The candidate-class
+//! gradients of a batch are computed as rows (image, candidate class): the gradient of
+//! Σ_rows f_k − f_l is, row by row, w_k of that image (images are independent in eval mode), so
+//! one backward serves a chunk of rows. `per_image: true` runs the exact sequential original
+//! (batch of one image, v updated after every image; its 9 candidate gradients still share one
+//! backward).
+//!
+//! Cost on the flex CPU backend (mobilenet_v2, one thread): a forward+backward costs the same
+//! per (image, candidate) row whatever the batch, so batching buys no speed here: DeepFool took
+//! 1.81 s per image image by image and 1.88 s per image batched (32 images, same steps within
+//! 0.15 %); one pass over 300 images took 536 s per-image and 537–546 s batched. The batched
+//! variant is there for backends where larger batches are cheaper per row (GPUs).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{
+    Checkpoint, Progress, RunContext, argmax, base_meta, clean_predictions, epoch_order, finish,
+    fooling_rate, load_checkpoint, tensor_values,
+};
+use crate::error::{Result, SfrError};
+use crate::eval::{load_batch, logits_rows};
+use crate::perturbation::{self, Norm, Perturbation};
+use crate::weights::{self, RawTensor, TensorMap};
+use crate::zoo::{Model, NoTap};
+
+/// Parameters of UAP with DeepFool.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeepFoolConfig {
+    /// Candidate classes of DeepFool: the top ones of the logits at its start (the current label
+    /// included).
+    pub candidates: usize,
+    /// DeepFool's overshoot: the returned step is (1 + overshoot)·Σr.
+    pub overshoot: f64,
+    /// DeepFool's iterations at most.
+    pub max_iter: usize,
+    /// Stop once the training fooling rate of a pass reaches 1 − delta.
+    pub delta: f64,
+    /// Passes over the training images at most.
+    pub max_passes: usize,
+    /// The exact sequential original: one image at a time, v updated after every image.
+    pub per_image: bool,
+    /// Visit only the first this many images of each shuffled pass (None: all).
+    pub max_images_per_pass: Option<usize>,
+}
+
+impl Default for DeepFoolConfig {
+    fn default() -> Self {
+        DeepFoolConfig {
+            candidates: 10,
+            overshoot: 0.02,
+            max_iter: 10,
+            delta: 0.2,
+            max_passes: 10,
+            per_image: false,
+            max_images_per_pass: None,
+        }
+    }
+}
+
+impl DeepFoolConfig {
+    /// Fail with a sentence on an impossible parameter.
+    pub fn validate(&self) -> Result<()> {
+        if self.candidates < 2 {
+            return Err(SfrError::param(
+                "--candidates",
+                format!(
+                    "DeepFool needs the current label and at least one other class, got {}",
+                    self.candidates
+                ),
+            ));
+        }
+        if !(self.overshoot >= 0.0 && self.overshoot.is_finite()) {
+            return Err(SfrError::param(
+                "--overshoot",
+                format!("must be a finite number ≥ 0, got {}", self.overshoot),
+            ));
+        }
+        if self.max_iter == 0 {
+            return Err(SfrError::param("--max-iter", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.delta) {
+            return Err(SfrError::param(
+                "--delta",
+                format!(
+                    "must be in [0, 1] (the attack stops at a fooling rate of 1 − delta), got {}",
+                    self.delta
+                ),
+            ));
+        }
+        if self.max_passes == 0 {
+            return Err(SfrError::param("--max-passes", "must be at least 1"));
+        }
+        if self.max_images_per_pass == Some(0) {
+            return Err(SfrError::param(
+                "--max-images-per-pass",
+                "must be at least 1 (leave it out to visit every image)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn fingerprint(&self, ctx: &RunContext, batch: usize) -> String {
+        format!(
+            "deepfool|{}|{}|{}|{}|{}|{}|{}|{:?}",
+            ctx.model.spec().name,
+            ctx.norm,
+            ctx.eps,
+            ctx.seed,
+            batch,
+            ctx.train.samples.len(),
+            ctx.clip,
+            (
+                self.candidates,
+                self.overshoot,
+                self.max_iter,
+                self.delta,
+                self.max_passes,
+                self.per_image,
+                self.max_images_per_pass
+            ),
+        )
+    }
+}
+
+/// DeepFool's result for each image of a batch.
+#[derive(Debug, Clone)]
+pub struct DeepFoolResult {
+    /// (1 + overshoot)·r_tot per image, C×H×W values on the 0–255 scale.
+    pub r: Vec<Vec<f32>>,
+    /// Whether the label changed within `max_iter` iterations.
+    pub converged: Vec<bool>,
+    /// Gradient steps taken per image.
+    pub iterations: Vec<usize>,
+    /// Label at the start (top-1 at x).
+    pub labels: Vec<usize>,
+    /// Label at x + r.
+    pub final_labels: Vec<usize>,
+}
+
+/// Rows (image, candidate class) per backward pass that [`deepfool`] uses: the candidates of one
+/// image (9 by default), at least 8. On the flex CPU backend the cost of a forward+backward is
+/// per row and does not drop with larger batches (mobilenet_v2, one thread: 9 rows per backward
+/// 1.88 s per image, 16 rows 2.07 s, 32 rows 2.21 s), so a batch is processed in chunks of this
+/// many rows.
+pub fn default_grad_rows(_n: usize, cfg: &DeepFoolConfig) -> usize {
+    cfg.candidates.saturating_sub(1).max(8)
+}
+
+/// DeepFool on every image of `x` (`[n, 3, h, w]`, 0–255 pixels, x+v for UAP) at once.
+pub fn deepfool(
+    model: &Model,
+    x: &Tensor<4>,
+    clip: bool,
+    cfg: &DeepFoolConfig,
+) -> Result<DeepFoolResult> {
+    let n = x.dims()[0];
+    deepfool_chunked(model, x, clip, cfg, default_grad_rows(n, cfg))
+}
+
+fn values(t: Tensor<4>, what: &str) -> Result<Vec<f32>> {
+    t.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| SfrError::param("deepfool", format!("could not read back {what}: {e:?}")))
+}
+
+/// [`deepfool`] with `grad_rows` (image, candidate) rows per backward pass.
+pub fn deepfool_chunked(
+    model: &Model,
+    x: &Tensor<4>,
+    clip: bool,
+    cfg: &DeepFoolConfig,
+    grad_rows: usize,
+) -> Result<DeepFoolResult> {
+    cfg.validate()?;
+    let [n, c, h, w] = x.dims();
+    let d = c * h * w;
+    let dev = model.device().clone();
+    let adev = dev.clone().autodiff();
+    let x0 = values(x.clone(), "the images")?;
+    let scale = (1.0 + cfg.overshoot) as f32;
+    let grad_rows = grad_rows.max(1);
+
+    let mut r_tot = vec![vec![0f32; d]; n];
+    let mut converged = vec![false; n];
+    let mut iterations = vec![0usize; n];
+    let mut labels = vec![0usize; n];
+    let mut final_labels = vec![0usize; n];
+    let mut cands: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut active: Vec<usize> = (0..n).collect();
+
+    // The current point x0 + (1+overshoot)·r_tot of image i, clipped as the forward passes see it.
+    let point = |i: usize, r_tot: &[Vec<f32>], out: &mut Vec<f32>| {
+        let x = &x0[i * d..(i + 1) * d];
+        out.extend(x.iter().zip(&r_tot[i]).map(|(a, r)| {
+            let p = a + scale * r;
+            if clip { p.clamp(0.0, 255.0) } else { p }
+        }));
+    };
+
+    for iter in 0..=cfg.max_iter {
+        if active.is_empty() {
+            break;
+        }
+        let m = active.len();
+        let mut pts = Vec::with_capacity(m * d);
+        for &i in &active {
+            point(i, &r_tot, &mut pts);
+        }
+        let t = Tensor::<4>::from_data(TensorData::new(pts.clone(), [m, c, h, w]), &dev);
+        let rows = logits_rows(model.forward_pixels(t, &mut NoTap))?;
+        let classes = rows[0].len();
+        if iter == 0 {
+            if cfg.candidates > classes {
+                return Err(SfrError::param(
+                    "--candidates",
+                    format!(
+                        "{} candidate classes, but the model has {classes}",
+                        cfg.candidates
+                    ),
+                ));
+            }
+            for (p, &i) in active.iter().enumerate() {
+                let l = argmax(&rows[p]);
+                let mut idx: Vec<usize> = (0..classes).filter(|&k| k != l).collect();
+                idx.sort_by(|&a, &b| rows[p][b].total_cmp(&rows[p][a]).then(a.cmp(&b)));
+                idx.truncate(cfg.candidates - 1);
+                labels[i] = l;
+                final_labels[i] = l;
+                cands[i] = idx;
+            }
+        }
+        // Images whose label changed are done.
+        let mut still = Vec::with_capacity(m);
+        let mut still_pos = Vec::with_capacity(m);
+        for (p, &i) in active.iter().enumerate() {
+            let k = argmax(&rows[p]);
+            final_labels[i] = k;
+            if k != labels[i] {
+                converged[i] = true;
+            } else {
+                still.push(i);
+                still_pos.push(p);
+            }
+        }
+        if still.is_empty() || iter == cfg.max_iter {
+            break;
+        }
+        let m2 = still.len();
+        let ncand = cfg.candidates - 1;
+        // Gradient rows, candidate-major: row r is image still[r % m2], candidate r / m2.
+        let total = m2 * ncand;
+        let mut best: Vec<Option<(f32, Vec<f32>, f32)>> = vec![None; m2]; // (pert, w, ‖w‖)
+        let mut start = 0;
+        while start < total {
+            let end = (start + grad_rows).min(total);
+            let nr = end - start;
+            let mut input = Vec::with_capacity(nr * d);
+            let mut sel = vec![0f32; nr * classes];
+            for (q, r) in (start..end).enumerate() {
+                let (a, j) = (r % m2, r / m2);
+                let p = still_pos[a];
+                input.extend_from_slice(&pts[p * d..(p + 1) * d]);
+                let i = still[a];
+                sel[q * classes + cands[i][j]] += 1.0;
+                sel[q * classes + labels[i]] -= 1.0;
+            }
+            let leaf =
+                Tensor::<4>::from_data(TensorData::new(input, [nr, c, h, w]), &adev).require_grad();
+            let logits = model.forward_pixels(leaf.clone(), &mut NoTap);
+            let sel = Tensor::<2>::from_data(TensorData::new(sel, [nr, classes]), &adev);
+            let grads = (logits * sel).sum().backward();
+            let g = leaf
+                .grad(&grads)
+                .ok_or_else(|| SfrError::param("deepfool", "no gradient reached the input"))?;
+            let g = values(g, "the gradient")?;
+            for (q, r) in (start..end).enumerate() {
+                let (a, j) = (r % m2, r / m2);
+                let i = still[a];
+                let p = still_pos[a];
+                let wk = &g[q * d..(q + 1) * d];
+                let fk = rows[p][cands[i][j]] - rows[p][labels[i]];
+                let nrm = wk
+                    .iter()
+                    .map(|v| (*v as f64) * (*v as f64))
+                    .sum::<f64>()
+                    .sqrt() as f32;
+                let pert = fk.abs() / nrm;
+                if !(pert.is_finite() && nrm > 0.0) {
+                    continue;
+                }
+                if best[a].as_ref().is_none_or(|b| pert < b.0) {
+                    best[a] = Some((pert, wk.to_vec(), nrm));
+                }
+            }
+            start = end;
+        }
+        let mut next = Vec::with_capacity(m2);
+        for (a, &i) in still.iter().enumerate() {
+            // No usable direction (every gradient vanished): DeepFool fails on this image.
+            let Some((pert, wk, nrm)) = best[a].take() else {
+                continue;
+            };
+            let f = (pert + 1e-4) / nrm;
+            for (rt, v) in r_tot[i].iter_mut().zip(&wk) {
+                *rt += f * v;
+            }
+            iterations[i] = iter + 1;
+            next.push(i);
+        }
+        active = next;
+    }
+    let r = r_tot
+        .into_iter()
+        .map(|v| v.into_iter().map(|x| x * scale).collect())
+        .collect();
+    Ok(DeepFoolResult {
+        r,
+        converged,
+        iterations,
+        labels,
+        final_labels,
+    })
+}
+
+/// One pass's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PassRecord {
+    /// Images visited (readable, with a clean prediction).
+    visited: usize,
+    /// Of those, already fooled by v when visited.
+    fooled: usize,
+    /// visited − fooled: images DeepFool ran on.
+    deepfooled: usize,
+    /// Of those, DeepFool converged (their Δv was added).
+    converged: usize,
+    /// Mean gradient steps of DeepFool.
+    mean_iterations: f64,
+    /// fooled / visited.
+    train_fooling_rate: f64,
+    /// Held-out fooling rate after the pass.
+    holdout_fooling_rate: Option<f64>,
+    /// Wall time of the pass (DeepFool and v updates; not the held-out measurement).
+    seconds: f64,
+}
+
+const HISTORY_KEY: &str = "deepfool_history";
+
+/// Write a checkpoint that [`load_checkpoint`] reads, with the pass records in its metadata (so
+/// that a resumed run knows the stop rule's last measurement).
+fn save_state(
+    path: &Path,
+    c: &Checkpoint,
+    size: usize,
+    fp: &str,
+    hist: &[PassRecord],
+) -> Result<()> {
+    let mut map = TensorMap::new();
+    map.insert(
+        "delta",
+        RawTensor {
+            shape: vec![3, size, size],
+            data: c.delta.clone(),
+        },
+    );
+    let mut meta = BTreeMap::new();
+    meta.insert("epochs_done".into(), c.epochs_done.to_string());
+    meta.insert(
+        "holdout_fooling_rate".into(),
+        c.holdout_fooling_rate
+            .map(|f| f.to_string())
+            .unwrap_or_default(),
+    );
+    meta.insert("fingerprint".into(), fp.to_string());
+    meta.insert(
+        HISTORY_KEY.into(),
+        serde_json::to_string(hist).unwrap_or_default(),
+    );
+    weights::save_safetensors(&map, &meta, path)?;
+    Ok(())
+}
+
+fn load_history(path: &Path, passes: usize) -> Vec<PassRecord> {
+    let Ok(meta) = weights::read_safetensors_metadata(path) else {
+        return Vec::new();
+    };
+    let mut h: Vec<PassRecord> = meta
+        .get(HISTORY_KEY)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if h.len() != passes {
+        h.clear();
+    }
+    h
+}
+
+fn add_projected(
+    v: &mut Vec<f32>,
+    dv: &[f32],
+    norm: Norm,
+    eps: f64,
+    size: usize,
+    dev: &burn::tensor::Device,
+) -> Result<()> {
+    for (a, b) in v.iter_mut().zip(dv) {
+        *a += b;
+    }
+    let t = Tensor::<4>::from_data(TensorData::new(std::mem::take(v), [1, 3, size, size]), dev);
+    *v = tensor_values(perturbation::project(t, norm, eps))?;
+    Ok(())
+}
+
+/// Run UAP with DeepFool.
+pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
+    cfg.validate()?;
+    perturbation::check_eps(ctx.norm, ctx.eps)?;
+    if ctx.batch_size == 0 {
+        return Err(SfrError::param("--batch-size", "must be at least 1"));
+    }
+    let model = ctx.model;
+    let size = model.spec().input_size;
+    let d = 3 * size * size;
+    let dev = model.device().clone();
+    let batch = if cfg.per_image { 1 } else { ctx.batch_size };
+    let fp = cfg.fingerprint(ctx, batch);
+
+    let mut v = vec![0f32; d];
+    let mut start_pass = 0;
+    let mut holdout_fr = None;
+    let mut history: Vec<PassRecord> = Vec::new();
+    if let (true, Some(path)) = (ctx.resume, &ctx.checkpoint)
+        && let Some(c) = load_checkpoint(path, &fp)?
+    {
+        v = c.delta;
+        start_pass = c.epochs_done;
+        holdout_fr = c.holdout_fooling_rate;
+        history = load_history(path, start_pass);
+    }
+
+    let train = &ctx.train.samples;
+    let hold = &ctx.holdout.samples;
+    let bs = ctx.batch_size;
+    // Clean predictions of the training images the remaining passes visit.
+    let needed: Vec<usize> = match cfg.max_images_per_pass {
+        Some(k) if k < train.len() => {
+            let mut set = std::collections::BTreeSet::new();
+            for p in start_pass..cfg.max_passes {
+                set.extend(epoch_order(train.len(), ctx.seed, p).into_iter().take(k));
+            }
+            set.into_iter().collect()
+        }
+        _ => (0..train.len()).collect(),
+    };
+    let sub: Vec<_> = needed.iter().map(|&i| train[i].clone()).collect();
+    let preds = clean_predictions(model, &sub, bs, |dn| {
+        (ctx.progress)(&Progress {
+            phase: "clean predictions (train)".into(),
+            done: dn,
+            total: sub.len(),
+            loss: None,
+            holdout_fooling_rate: None,
+        })
+    })?;
+    let mut clean_train = vec![None; train.len()];
+    for (&i, p) in needed.iter().zip(preds) {
+        clean_train[i] = p;
+    }
+    let clean_hold = clean_predictions(model, hold, bs, |_| {})?;
+    let target = 1.0 - cfg.delta;
+    let mut stop = "max_passes";
+    if history
+        .last()
+        .is_some_and(|r| r.train_fooling_rate >= target)
+    {
+        stop = "fooling_rate";
+    }
+
+    let mut pass = start_pass;
+    while pass < cfg.max_passes && stop != "fooling_rate" {
+        let t0 = Instant::now();
+        let mut order = epoch_order(train.len(), ctx.seed, pass);
+        if let Some(k) = cfg.max_images_per_pass {
+            order.truncate(k);
+        }
+        let phase = |fr: f64| {
+            format!(
+                "pass {}/{} (training fooling rate so far {fr:.3})",
+                pass + 1,
+                cfg.max_passes
+            )
+        };
+        let mut rec = PassRecord {
+            visited: 0,
+            fooled: 0,
+            deepfooled: 0,
+            converged: 0,
+            mean_iterations: 0.0,
+            train_fooling_rate: 0.0,
+            holdout_fooling_rate: None,
+            seconds: 0.0,
+        };
+        let mut iter_sum = 0usize;
+        let mut pos = 0;
+        while pos < order.len() {
+            // Collect up to `batch` images that the current v does not fool.
+            let vt = Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 3, size, size]), &dev);
+            let mut pix: Vec<f32> = Vec::new();
+            let mut taken = 0usize;
+            while taken < batch && pos < order.len() {
+                let want = (batch - taken).min(order.len() - pos);
+                let idx: Vec<usize> = order[pos..pos + want]
+                    .iter()
+                    .copied()
+                    .filter(|&i| clean_train[i].is_some())
+                    .collect();
+                pos += want;
+                if idx.is_empty() {
+                    continue;
+                }
+                let samples: Vec<_> = idx.iter().map(|&i| train[i].clone()).collect();
+                let (b, _) = load_batch(model, &samples, false)?;
+                let Some(b) = b else { continue };
+                let xs = values(b.pixels.clone(), "the images")?;
+                let x = perturbation::apply(b.pixels, vt.clone(), ctx.clip);
+                let rows = logits_rows(model.forward_pixels(x, &mut NoTap))?;
+                for (row, s) in b.samples.iter().enumerate() {
+                    let Some(p) = samples.iter().position(|t| t.path == s.path) else {
+                        continue;
+                    };
+                    let Some(cl) = clean_train[idx[p]] else {
+                        continue;
+                    };
+                    rec.visited += 1;
+                    if argmax(&rows[row]) != cl {
+                        rec.fooled += 1;
+                    } else {
+                        pix.extend(
+                            xs[row * d..(row + 1) * d]
+                                .iter()
+                                .zip(&v)
+                                .map(|(a, b)| a + b),
+                        );
+                        taken += 1;
+                    }
+                }
+            }
+            if taken > 0 {
+                let x0 = Tensor::<4>::from_data(TensorData::new(pix, [taken, 3, size, size]), &dev);
+                let res = deepfool(model, &x0, ctx.clip, cfg)?;
+                rec.deepfooled += taken;
+                for (i, r) in res.r.iter().enumerate() {
+                    iter_sum += res.iterations[i];
+                    if res.converged[i] {
+                        rec.converged += 1;
+                        add_projected(&mut v, r, ctx.norm, ctx.eps, size, &dev)?;
+                    }
+                }
+            }
+            let fr = if rec.visited > 0 {
+                rec.fooled as f64 / rec.visited as f64
+            } else {
+                0.0
+            };
+            (ctx.progress)(&Progress {
+                phase: phase(fr),
+                done: pos,
+                total: order.len(),
+                loss: None,
+                holdout_fooling_rate: holdout_fr,
+            });
+        }
+        if rec.visited == 0 {
+            return Err(SfrError::NoImages(
+                "no training image of the pass could be read".into(),
+            ));
+        }
+        rec.train_fooling_rate = rec.fooled as f64 / rec.visited as f64;
+        rec.mean_iterations = if rec.deepfooled > 0 {
+            iter_sum as f64 / rec.deepfooled as f64
+        } else {
+            0.0
+        };
+        rec.seconds = t0.elapsed().as_secs_f64();
+        if !hold.is_empty() {
+            let vt = Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 3, size, size]), &dev);
+            holdout_fr = Some(fooling_rate(model, hold, &clean_hold, &vt, ctx.clip, bs)?);
+        }
+        rec.holdout_fooling_rate = holdout_fr;
+        (ctx.progress)(&Progress {
+            phase: phase(rec.train_fooling_rate),
+            done: order.len(),
+            total: order.len(),
+            loss: None,
+            holdout_fooling_rate: holdout_fr,
+        });
+        if rec.train_fooling_rate >= target {
+            stop = "fooling_rate";
+        }
+        history.push(rec);
+        pass += 1;
+        if let Some(path) = &ctx.checkpoint {
+            save_state(
+                path,
+                &Checkpoint {
+                    delta: v.clone(),
+                    epochs_done: pass,
+                    holdout_fooling_rate: holdout_fr,
+                },
+                size,
+                &fp,
+                &history,
+            )?;
+        }
+    }
+    let last = history.last();
+    let mut meta = base_meta(
+        ctx,
+        "deepfool",
+        json!({
+            "candidates": cfg.candidates,
+            "overshoot": cfg.overshoot,
+            "max_iter": cfg.max_iter,
+            "delta": cfg.delta,
+            "max_passes": cfg.max_passes,
+            "per_image": cfg.per_image,
+            "batch": batch,
+            "max_images_per_pass": cfg.max_images_per_pass,
+            "passes_run": pass,
+            "stop_reason": stop,
+            "train_fooling_rate": last.map(|r| r.train_fooling_rate),
+            "train_fooling_rate_definition": "fraction of the pass's images already fooled by v when visited",
+            "seconds_per_pass": history.iter().map(|r| r.seconds).collect::<Vec<_>>(),
+            "passes": history,
+            "labels": "clean predictions",
+        }),
+    );
+    meta.fooling_rate = holdout_fr;
+    meta.fooling_rate_n = Some(hold.len());
+    finish(v, size, meta)
+}
