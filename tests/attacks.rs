@@ -71,7 +71,8 @@ fn sgd_respects_budgets_and_repeats_from_its_seed() {
         let eps: f64 = eps.parse().unwrap();
         let n = if norm == "linf" { pa.linf() } else { pa.l2() };
         assert!(n <= eps * 1.0001, "{norm}: norm {n} over ξ = {eps}");
-        assert!(n > eps * 0.5, "{norm}: the attack moved (norm {n})");
+        // 4 steps of 0.1·ξ (then 0.08·ξ) on 16 images: the perturbation must have moved.
+        assert!(n > eps * 0.1, "{norm}: the attack moved (norm {n})");
         assert_eq!(pa.meta.seed, Some(7));
         assert_eq!(pa.meta.model.as_deref(), Some("mobilenet_v2"));
     }
