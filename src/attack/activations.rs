@@ -15,12 +15,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    Progress, RunContext, base_meta, clean_predictions, epoch_order, finish, fooling_rate,
-    tensor_values,
+    Progress, RunContext, ascent_step, base_meta, clean_predictions, epoch_order, finish,
+    fooling_rate, tensor_values,
 };
 use crate::error::{Result, SfrError};
 use crate::eval::load_batch;
-use crate::perturbation::{self, Norm, Perturbation};
+use crate::perturbation::{self, Perturbation};
 use crate::zoo::Tap;
 
 /// Which objective.
@@ -230,18 +230,7 @@ pub fn run(cfg: &ActivationConfig, ctx: &mut RunContext) -> Result<Perturbation>
             ctx.eps * cfg.step * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()));
         let cur: Tensor<4> =
             Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
-        let next = match ctx.norm {
-            Norm::Linf => cur + g.sign().mul_scalar(step),
-            Norm::L2 => {
-                let n = g.clone().powf_scalar(2.0).sum().into_scalar::<f32>() as f64;
-                if n > 0.0 {
-                    cur + g.mul_scalar(step / n.sqrt())
-                } else {
-                    cur
-                }
-            }
-        };
-        delta = tensor_values(perturbation::project(next, ctx.norm, ctx.eps))?;
+        delta = tensor_values(ascent_step(cur, g, ctx.norm, step, ctx.eps))?;
         let measure =
             (cfg.eval_every > 0 && (it + 1) % cfg.eval_every == 0) || it + 1 == cfg.iterations;
         if measure {

@@ -177,6 +177,23 @@ pub fn fooling_rate(
     Ok(fooled as f64 / n as f64)
 }
 
+/// One ascent step on a perturbation, projected back on the ξ-ball: ℓ∞ takes a sign step of
+/// `step` per pixel, ℓ2 a step of length `step` along the gradient.
+pub fn ascent_step(cur: Tensor<4>, grad: Tensor<4>, norm: Norm, step: f64, eps: f64) -> Tensor<4> {
+    let next = match norm {
+        Norm::Linf => cur + grad.sign().mul_scalar(step),
+        Norm::L2 => {
+            let n = grad.clone().powf_scalar(2.0).sum().into_scalar::<f32>() as f64;
+            if n > 0.0 {
+                cur + grad.mul_scalar(step / n.sqrt())
+            } else {
+                cur
+            }
+        }
+    };
+    perturbation::project(next, norm, eps)
+}
+
 /// Labels as an `[n, 1]` Int tensor.
 pub fn label_tensor(labels: &[usize], device: &burn::tensor::Device) -> Tensor<2, Int> {
     let v: Vec<i64> = labels.iter().map(|&l| l as i64).collect();

@@ -8,12 +8,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    Progress, RunContext, base_meta, clean_predictions, epoch_order, finish, fooling_rate,
-    label_tensor, load_checkpoint, save_checkpoint, tensor_values,
+    Progress, RunContext, ascent_step, base_meta, clean_predictions, epoch_order, finish,
+    fooling_rate, label_tensor, load_checkpoint, save_checkpoint, tensor_values,
 };
 use crate::error::{Result, SfrError};
 use crate::eval::load_batch;
-use crate::perturbation::{self, Norm, Perturbation};
+use crate::perturbation::{self, Perturbation};
 use crate::zoo::NoTap;
 
 /// Parameters of SGD-UAP.
@@ -175,18 +175,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 .ok_or_else(|| SfrError::param("attack", "no gradient reached the perturbation"))?;
             let cur: Tensor<4> =
                 Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
-            let next = match ctx.norm {
-                Norm::Linf => cur + g.sign().mul_scalar(step),
-                Norm::L2 => {
-                    let n = g.clone().powf_scalar(2.0).sum().into_scalar::<f32>() as f64;
-                    if n > 0.0 {
-                        cur + g.mul_scalar(step / n.sqrt())
-                    } else {
-                        cur
-                    }
-                }
-            };
-            delta = tensor_values(perturbation::project(next, ctx.norm, ctx.eps))?;
+            delta = tensor_values(ascent_step(cur, g, ctx.norm, step, ctx.eps))?;
             (ctx.progress)(&Progress {
                 phase: format!("epoch {}/{}", epoch + 1, cfg.epochs),
                 done,

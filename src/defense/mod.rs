@@ -339,7 +339,7 @@ impl Defense {
     /// in the metadata), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map = TensorMap::new();
-        let put = |map: &mut TensorMap, k: String, t: Tensor<4>| -> Result<()> {
+        fn put<const D: usize>(map: &mut TensorMap, k: String, t: Tensor<D>) -> Result<()> {
             let shape = t.dims().to_vec();
             let data = t
                 .into_data()
@@ -347,16 +347,7 @@ impl Defense {
                 .map_err(|e| SfrError::param("defense", format!("{e:?}")))?;
             map.insert(k, RawTensor { shape, data });
             Ok(())
-        };
-        let put1 = |map: &mut TensorMap, k: String, t: Tensor<1>| -> Result<()> {
-            let shape = t.dims().to_vec();
-            let data = t
-                .into_data()
-                .try_into_vec::<f32>()
-                .map_err(|e| SfrError::param("defense", format!("{e:?}")))?;
-            map.insert(k, RawTensor { shape, data });
-            Ok(())
-        };
+        }
         for (i, u) in self.frus.units.iter().enumerate() {
             put(&mut map, format!("fru.{i}.w1"), u.w1.val())?;
             put(&mut map, format!("fru.{i}.w2"), u.w2.val())?;
@@ -366,8 +357,8 @@ impl Defense {
                 .into_iter()
                 .enumerate()
             {
-                put1(&mut map, format!("fru.{i}.bn{}.weight", j + 1), g.val())?;
-                put1(&mut map, format!("fru.{i}.bn{}.bias", j + 1), b.val())?;
+                put(&mut map, format!("fru.{i}.bn{}.weight", j + 1), g.val())?;
+                put(&mut map, format!("fru.{i}.bn{}.bias", j + 1), b.val())?;
                 let d = self.stats.mean[i][j].len();
                 map.insert(
                     format!("fru.{i}.bn{}.running_mean", j + 1),
