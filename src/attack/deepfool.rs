@@ -32,7 +32,6 @@
 //! 0.15 %); one pass over 300 images took 536 s per-image and 537–546 s batched. The batched
 //! variant is there for backends where larger batches are cheaper per row (GPUs).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -42,12 +41,12 @@ use serde_json::json;
 
 use super::{
     Checkpoint, Progress, RunContext, argmax, base_meta, clean_predictions, epoch_order, finish,
-    fooling_rate, load_checkpoint, tensor_values,
+    fooling_rate, load_checkpoint, save_checkpoint, tensor_values,
 };
 use crate::error::{Result, SfrError};
 use crate::eval::{load_batch, logits_rows};
 use crate::perturbation::{self, Norm, Perturbation};
-use crate::weights::{self, RawTensor, TensorMap};
+use crate::weights;
 use crate::zoo::{Model, NoTap};
 
 /// Parameters of UAP with DeepFool.
@@ -372,40 +371,6 @@ struct PassRecord {
 
 const HISTORY_KEY: &str = "deepfool_history";
 
-/// Write a checkpoint that [`load_checkpoint`] reads, with the pass records in its metadata (so
-/// that a resumed run knows the stop rule's last measurement).
-fn save_state(
-    path: &Path,
-    c: &Checkpoint,
-    size: usize,
-    fp: &str,
-    hist: &[PassRecord],
-) -> Result<()> {
-    let mut map = TensorMap::new();
-    map.insert(
-        "delta",
-        RawTensor {
-            shape: vec![3, size, size],
-            data: c.delta.clone(),
-        },
-    );
-    let mut meta = BTreeMap::new();
-    meta.insert("epochs_done".into(), c.epochs_done.to_string());
-    meta.insert(
-        "holdout_fooling_rate".into(),
-        c.holdout_fooling_rate
-            .map(|f| f.to_string())
-            .unwrap_or_default(),
-    );
-    meta.insert("fingerprint".into(), fp.to_string());
-    meta.insert(
-        HISTORY_KEY.into(),
-        serde_json::to_string(hist).unwrap_or_default(),
-    );
-    weights::save_safetensors(&map, &meta, path)?;
-    Ok(())
-}
-
 fn load_history(path: &Path, passes: usize) -> Vec<PassRecord> {
     let Ok(meta) = weights::read_safetensors_metadata(path) else {
         return Vec::new();
@@ -625,7 +590,9 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         history.push(rec);
         pass += 1;
         if let Some(path) = &ctx.checkpoint {
-            save_state(
+            // The pass records ride along, so a resumed run knows the stop rule's last value.
+            let hist = serde_json::to_string(&history).unwrap_or_default();
+            save_checkpoint(
                 path,
                 &Checkpoint {
                     delta: v.clone(),
@@ -634,7 +601,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 },
                 size,
                 &fp,
-                &history,
+                &[(HISTORY_KEY, hist)],
             )?;
         }
     }

@@ -220,8 +220,15 @@ pub struct Checkpoint {
     pub holdout_fooling_rate: Option<f64>,
 }
 
-/// Write a checkpoint atomically.
-pub fn save_checkpoint(path: &Path, c: &Checkpoint, size: usize, fingerprint: &str) -> Result<()> {
+/// Write a checkpoint atomically; `extra` adds attack-specific metadata entries (read back with
+/// `weights::read_safetensors_metadata`).
+pub fn save_checkpoint(
+    path: &Path,
+    c: &Checkpoint,
+    size: usize,
+    fingerprint: &str,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mut map = TensorMap::new();
     map.insert(
         "delta",
@@ -239,6 +246,9 @@ pub fn save_checkpoint(path: &Path, c: &Checkpoint, size: usize, fingerprint: &s
             .unwrap_or_default(),
     );
     meta.insert("fingerprint".into(), fingerprint.to_string());
+    for (k, v) in extra {
+        meta.insert(k.to_string(), v.clone());
+    }
     weights::save_safetensors(&map, &meta, path)?;
     Ok(())
 }

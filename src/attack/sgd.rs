@@ -205,6 +205,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 },
                 size,
                 &fp,
+                &[],
             )?;
         }
     }
