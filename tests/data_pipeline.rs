@@ -6,6 +6,8 @@
 //! `/usr/bin/python3`, Debian's python3-pil and python3-torchvision). Missing either, a test
 //! prints "SKIPPED: …" and passes, unless `CI=true`, where it fails.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,48 +16,23 @@ use sfr::data::{
     load_rgb, resize_and_center_crop, resize_exact, resize_shorter, to_chw_f32,
 };
 
-fn skip(why: &str) {
-    if matches!(std::env::var("CI").as_deref(), Ok("true" | "1")) {
-        panic!("{why} (CI=true, so this is a failure rather than a skip)");
-    }
-    eprintln!("SKIPPED: {why}");
-}
-
 /// `$SFR_SHARED/data`, or `None` (after printing SKIPPED) when it is absent.
 fn shared_data() -> Option<PathBuf> {
-    let root = std::env::var_os("SFR_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    let data = root.join("data");
+    let data = common::shared_dir()?.join("data");
     if data.join("nips17").is_dir() && data.join("imagenet-sample").is_dir() {
         Some(data)
     } else {
-        skip(&format!(
+        common::skip(&format!(
             "shared data not found at {} (set SFR_SHARED)",
             data.display()
-        ));
-        None
+        ))
     }
 }
 
 /// A Python with PIL, numpy and torchvision, or `None` (after printing SKIPPED).
 fn python() -> Option<PathBuf> {
-    let py = std::env::var_os("SFR_PYTHON")
+    common::python_with("PIL, numpy, torchvision", "python3-pil python3-torchvision")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
-    let ok = Command::new(&py)
-        .args(["-c", "import PIL, numpy, torchvision"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        Some(py)
-    } else {
-        skip(&format!(
-            "{} cannot import PIL, numpy and torchvision (install python3-pil python3-torchvision or set SFR_PYTHON)",
-            py.display()
-        ));
-        None
-    }
 }
 
 /// A fresh temporary folder, removed on drop.

@@ -8,6 +8,8 @@
 //! Missing material is reported as `SKIPPED: …` on stderr, except under CI (`CI=true`), where
 //! it fails.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,49 +20,25 @@ const EXTS: [&str; 4] = ["npy", "mat", "h5", "hdf5"];
 
 // ---------------------------------------------------------------- support
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn skip<T>(why: &str) -> Option<T> {
-    if in_ci() {
-        panic!("required test material missing under CI: {why}");
-    }
-    eprintln!("SKIPPED: {why}");
-    None
-}
-
 /// `../shared/attacks` (or `$SFR_SHARED/attacks`), if present.
 fn attacks_dir() -> Option<PathBuf> {
-    let shared = match std::env::var_os("SFR_SHARED") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-    };
-    let p = shared.join("attacks");
+    let p = common::shared_dir()?.join("attacks");
     if p.is_dir() {
         Some(p)
     } else {
-        skip(&format!(
+        common::skip(&format!(
             "published perturbations not found at {} (set SFR_SHARED)",
             p.display()
         ))
     }
 }
 
-/// A Python with numpy, h5py and scipy (`SFR_PYTHON`, default Debian's `/usr/bin/python3`).
+/// A Python with numpy, h5py and scipy.
 fn python() -> Option<String> {
-    let py = std::env::var("SFR_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-    let ok = Command::new(&py)
-        .args(["-c", "import numpy, h5py, scipy.io"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        Some(py)
-    } else {
-        skip(&format!(
-            "{py} cannot import numpy, h5py and scipy (apt-get install python3-numpy python3-h5py python3-scipy)"
-        ))
-    }
+    common::python_with(
+        "numpy, h5py, scipy.io",
+        "python3-numpy python3-h5py python3-scipy",
+    )
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -377,7 +355,7 @@ fn truncated_copies_are_errors() {
         }
     }
     if checked == 0 {
-        skip::<()>("no files to truncate (neither published files nor Python fixtures)");
+        common::skip::<()>("no files to truncate (neither published files nor Python fixtures)");
     } else {
         eprintln!("import: {checked} truncated copies handled");
     }
@@ -448,7 +426,7 @@ fn corrupted_headers_never_panic() {
         }
     }
     if runs == 0 {
-        skip::<()>("no files to corrupt (neither published files nor Python fixtures)");
+        common::skip::<()>("no files to corrupt (neither published files nor Python fixtures)");
     } else {
         eprintln!("import: {runs} corrupted copies handled without panics");
     }

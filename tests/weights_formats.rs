@@ -4,7 +4,7 @@
 //! safetensors round trips; plus the real MobileNetV2 / EfficientNet-Lite0 checkpoints compared
 //! with `torch.load`.
 //!
-//! Needs Debian's PyTorch (`SFR_TORCH_PYTHON`, default `/usr/bin/python3`) for the fixtures, and
+//! Needs Debian's PyTorch (`SFR_PYTHON`, default `/usr/bin/python3`) for the fixtures, and
 //! the real checkpoints, fetched through `sfr fetch` as a user would; without PyTorch the
 //! fixture tests print `SKIPPED: …` (under CI they fail).
 

@@ -38,20 +38,27 @@ pub fn shared_dir() -> Option<PathBuf> {
     }
 }
 
-/// The Python that has PyTorch (Debian's `/usr/bin/python3` unless `SFR_TORCH_PYTHON`).
-pub fn torch_python() -> Option<String> {
-    let py = std::env::var("SFR_TORCH_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+/// The Python the reference scripts run with (`SFR_PYTHON`, default Debian's `/usr/bin/python3`),
+/// if it can import every module in `modules` (e.g. `"torch, torchvision"`); else a visible skip
+/// (a failure under CI) that names `packages`, the Debian packages that provide them.
+pub fn python_with(modules: &str, packages: &str) -> Option<String> {
+    let py = std::env::var("SFR_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
     let ok = Command::new(&py)
-        .args(["-c", "import torch, torchvision"])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if ok {
         Some(py)
     } else {
         skip(&format!(
-            "{py} cannot import torch and torchvision (apt-get install python3-torch python3-torchvision)"
+            "{py} cannot import {modules} (apt-get install {packages}, or set SFR_PYTHON)"
         ))
     }
+}
+
+/// The Python that has PyTorch.
+pub fn torch_python() -> Option<String> {
+    python_with("torch, torchvision", "python3-torch python3-torchvision")
 }
 
 /// A folder for generated test material that persists across test runs.
