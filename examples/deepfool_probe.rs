@@ -156,6 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 checkpoint: None,
                 resume: false,
                 progress: &mut report,
+                defense: None,
             };
             let per_image = a.get(7).is_some_and(|v| v == "per_image");
             let c = DeepFoolConfig {

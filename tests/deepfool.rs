@@ -138,6 +138,7 @@ fn run(
         checkpoint: ckpt,
         resume,
         progress: &mut report,
+        defense: None,
     };
     deepfool::run(cfg, &mut ctx)
 }

@@ -148,7 +148,7 @@ pub fn run(cfg: &ActivationConfig, ctx: &mut RunContext) -> Result<Perturbation>
     let grey: Tensor<4> = Tensor::from_data(TensorData::new(grey, [1, 3, size, size]), &dev);
 
     let hold = &ctx.holdout.samples;
-    let clean_hold = clean_predictions(model, hold, ctx.batch_size, |_| {})?;
+    let clean_hold = clean_predictions(&super::Target::plain(model), hold, ctx.batch_size, |_| {})?;
     let train = &ctx.train.samples;
     if cfg.prior == Prior::Data && train.is_empty() {
         return Err(SfrError::NoImages(
@@ -237,7 +237,7 @@ pub fn run(cfg: &ActivationConfig, ctx: &mut RunContext) -> Result<Perturbation>
             let dt: Tensor<4> =
                 Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
             holdout_fr = Some(fooling_rate(
-                model,
+                &super::Target::plain(model),
                 hold,
                 &clean_hold,
                 &dt,

@@ -443,7 +443,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         _ => (0..train.len()).collect(),
     };
     let sub: Vec<_> = needed.iter().map(|&i| train[i].clone()).collect();
-    let preds = clean_predictions(model, &sub, bs, |dn| {
+    let preds = clean_predictions(&super::Target::plain(model), &sub, bs, |dn| {
         (ctx.progress)(&Progress {
             phase: "clean predictions (train)".into(),
             done: dn,
@@ -456,7 +456,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     for (&i, p) in needed.iter().zip(preds) {
         clean_train[i] = p;
     }
-    let clean_hold = clean_predictions(model, hold, bs, |_| {})?;
+    let clean_hold = clean_predictions(&super::Target::plain(model), hold, bs, |_| {})?;
     let target = 1.0 - cfg.delta;
     let mut stop = "max_passes";
     if history
@@ -574,7 +574,14 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         rec.seconds = t0.elapsed().as_secs_f64();
         if !hold.is_empty() {
             let vt = Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 3, size, size]), &dev);
-            holdout_fr = Some(fooling_rate(model, hold, &clean_hold, &vt, ctx.clip, bs)?);
+            holdout_fr = Some(fooling_rate(
+                &super::Target::plain(model),
+                hold,
+                &clean_hold,
+                &vt,
+                ctx.clip,
+                bs,
+            )?);
         }
         rec.holdout_fooling_rate = holdout_fr;
         (ctx.progress)(&Progress {

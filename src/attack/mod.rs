@@ -12,6 +12,7 @@ pub mod sgd;
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -19,6 +20,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::data::{Dataset, Sample};
+use crate::defense::Defense;
+use crate::defense::fru::{BnStats, FruSet, Placement, Regenerate};
 use crate::error::{Result, SfrError};
 use crate::eval::{load_batch, logits_rows};
 use crate::perturbation::{self, Norm, Perturbation, PerturbationMeta};
@@ -64,6 +67,90 @@ pub struct RunContext<'a> {
     pub resume: bool,
     /// Progress callback.
     pub progress: &'a mut dyn FnMut(&Progress),
+    /// Attack the network with this defence in place (the adaptive attack; `sgd` only).
+    pub defense: Option<&'a Defense>,
+}
+
+impl<'a> RunContext<'a> {
+    /// What the attack differentiates through: the bare network, or the defended one.
+    pub fn target(&self) -> Result<Target<'a>> {
+        match self.defense {
+            Some(d) => Target::defended(self.model, d),
+            None => Ok(Target::plain(self.model)),
+        }
+    }
+}
+
+/// The classifier an attack sees: a zoo model, optionally with a trained defence in front of
+/// its layers (frozen: an attack through it never changes the defence).
+pub struct Target<'a> {
+    /// The backbone.
+    pub model: &'a Model,
+    defended: Option<FrozenDefense>,
+}
+
+struct FrozenDefense {
+    plain: FruSet,
+    grad: FruSet,
+    placements: Vec<Placement>,
+    stats: BnStats,
+}
+
+impl<'a> Target<'a> {
+    /// The bare network.
+    pub fn plain(model: &'a Model) -> Self {
+        Target {
+            model,
+            defended: None,
+        }
+    }
+
+    /// The network with `defense` in place (inference mode; the units get no gradients).
+    pub fn defended(model: &'a Model, defense: &Defense) -> Result<Self> {
+        defense.check_backbone(model)?;
+        let adev = model.device().clone().autodiff();
+        Ok(Target {
+            model,
+            defended: Some(FrozenDefense {
+                plain: defense.frus.clone(),
+                grad: defense.frus.clone().to_device(&adev).no_grad(),
+                placements: defense.placements(),
+                stats: defense.stats.clone(),
+            }),
+        })
+    }
+
+    /// Whether a defence is in place.
+    pub fn is_defended(&self) -> bool {
+        self.defended.is_some()
+    }
+
+    /// Logits for pixels on the 0–255 scale (no gradient).
+    pub fn logits(&self, pixels: Tensor<4>) -> Tensor<2> {
+        self.forward(pixels, false)
+    }
+
+    /// Logits for pixels on the autodiff device (gradients reach the input).
+    pub fn logits_grad(&self, pixels: Tensor<4>) -> Tensor<2> {
+        self.forward(pixels, true)
+    }
+
+    fn forward(&self, pixels: Tensor<4>, grad: bool) -> Tensor<2> {
+        match &self.defended {
+            None => self.model.forward_pixels(pixels, &mut NoTap),
+            Some(d) => {
+                let mut stats = d.stats.clone();
+                let mut tap = Regenerate {
+                    frus: if grad { &d.grad } else { &d.plain },
+                    placements: &d.placements,
+                    stats: &mut stats,
+                    training: false,
+                    visited: 0,
+                };
+                self.model.forward_pixels(pixels, &mut tap)
+            }
+        }
+    }
 }
 
 /// Split `ds` into (train, holdout) with `n_holdout` images chosen by `seed`.
@@ -105,17 +192,17 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 
 /// Clean top-1 predictions of `model` on `samples` (unreadable images: `None`).
 pub fn clean_predictions(
-    model: &Model,
+    target: &Target,
     samples: &[Sample],
     batch_size: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Option<usize>>> {
     let mut out = Vec::with_capacity(samples.len());
     for (i, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(model, chunk, false)?;
+        let (batch, _) = load_batch(target.model, chunk, false)?;
         let mut preds = vec![None; chunk.len()];
         if let Some(b) = batch {
-            let rows = logits_rows(model.forward_pixels(b.pixels, &mut NoTap))?;
+            let rows = logits_rows(target.logits(b.pixels))?;
             let mut k = 0;
             for (j, s) in chunk.iter().enumerate() {
                 if k < b.samples.len() && b.samples[k].path == s.path {
@@ -144,7 +231,7 @@ pub fn argmax(v: &[f32]) -> usize {
 /// Fooling rate of `delta` (`[1, 3, h, w]`) on `samples` whose clean predictions are `clean`:
 /// the fraction of readable images whose top-1 label changes.
 pub fn fooling_rate(
-    model: &Model,
+    target: &Target,
     samples: &[Sample],
     clean: &[Option<usize>],
     delta: &Tensor<4>,
@@ -154,10 +241,10 @@ pub fn fooling_rate(
     let mut fooled = 0usize;
     let mut n = 0usize;
     for (ci, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(model, chunk, false)?;
+        let (batch, _) = load_batch(target.model, chunk, false)?;
         let Some(b) = batch else { continue };
         let x = perturbation::apply(b.pixels, delta.clone(), clip);
-        let rows = logits_rows(model.forward_pixels(x, &mut NoTap))?;
+        let rows = logits_rows(target.logits(x))?;
         let mut k = 0;
         for (j, s) in chunk.iter().enumerate() {
             if k < b.samples.len() && b.samples[k].path == s.path {
@@ -295,6 +382,15 @@ pub fn load_checkpoint(path: &Path, fingerprint: &str) -> Result<Option<Checkpoi
 pub fn base_meta(ctx: &RunContext, attack: &str, params: serde_json::Value) -> PerturbationMeta {
     let mut m = PerturbationMeta::new(attack, ctx.norm, ctx.eps);
     m.params = params;
+    if let Some(d) = ctx.defense {
+        // The adaptive attack: record what it was computed through.
+        m.params["through_defense"] = serde_json::json!({
+            "id": d.id(),
+            "sites": d.meta.sites,
+            "selection": d.meta.selection,
+            "training": d.meta.training.get("config"),
+        });
+    }
     m.model = Some(ctx.model.spec().name.to_string());
     m.data = ctx
         .train

@@ -25,10 +25,11 @@ pub fn run(ctx: &mut RunContext) -> Result<Perturbation> {
     let mut meta = base_meta(ctx, "random", json!({ "distribution": "random sign" }));
     meta.n_images = 0;
     let hold = &ctx.holdout.samples;
-    let clean = clean_predictions(ctx.model, hold, ctx.batch_size, |_| {})?;
+    let target = ctx.target()?;
+    let clean = clean_predictions(&target, hold, ctx.batch_size, |_| {})?;
     let p = finish(values, size, meta)?;
     let fr = fooling_rate(
-        ctx.model,
+        &target,
         hold,
         &clean,
         &p.to_tensor(ctx.model.device()),

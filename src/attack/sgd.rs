@@ -14,7 +14,6 @@ use super::{
 use crate::error::{Result, SfrError};
 use crate::eval::load_batch;
 use crate::perturbation::{self, Perturbation};
-use crate::zoo::NoTap;
 
 /// Parameters of SGD-UAP.
 #[derive(Debug, Clone, Serialize)]
@@ -78,8 +77,11 @@ impl SgdConfig {
 
     fn fingerprint(&self, ctx: &RunContext) -> String {
         format!(
-            "sgd|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
+            "sgd|{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
             ctx.model.spec().name,
+            ctx.defense
+                .map(|d| format!("through defence {}", d.id()))
+                .unwrap_or_default(),
             ctx.norm,
             ctx.eps,
             ctx.seed,
@@ -101,6 +103,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     let dev = model.device().clone();
     let adev = dev.clone().autodiff();
     let fp = cfg.fingerprint(ctx);
+    let target = ctx.target()?;
 
     let mut delta = vec![0f32; 3 * size * size];
     let mut start_epoch = 0;
@@ -116,7 +119,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     let train = &ctx.train.samples;
     let hold = &ctx.holdout.samples;
     let bs = ctx.batch_size;
-    let clean_train = clean_predictions(model, train, bs, |d| {
+    let clean_train = clean_predictions(&target, train, bs, |d| {
         (ctx.progress)(&Progress {
             phase: "clean predictions (train)".into(),
             done: d,
@@ -125,7 +128,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
             holdout_fooling_rate: None,
         })
     })?;
-    let clean_hold = clean_predictions(model, hold, bs, |_| {})?;
+    let clean_hold = clean_predictions(&target, hold, bs, |_| {})?;
 
     let mut epochs_run = start_epoch;
     for epoch in start_epoch..cfg.epochs {
@@ -163,7 +166,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &adev)
                     .require_grad();
             let xp = perturbation::apply(x.autodiff(), d.clone(), ctx.clip);
-            let logits = model.forward_pixels(xp, &mut NoTap);
+            let logits = target.logits_grad(xp);
             let logp = burn::tensor::activation::log_softmax(logits, 1);
             let y = label_tensor(&labels, &adev);
             let ce = logp.gather(1, y).neg().clamp_max(cfg.beta);
@@ -186,7 +189,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         }
         let dt: Tensor<4> =
             Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
-        holdout_fr = Some(fooling_rate(model, hold, &clean_hold, &dt, ctx.clip, bs)?);
+        holdout_fr = Some(fooling_rate(&target, hold, &clean_hold, &dt, ctx.clip, bs)?);
         epochs_run = epoch + 1;
         (ctx.progress)(&Progress {
             phase: format!("epoch {}/{}", epoch + 1, cfg.epochs),

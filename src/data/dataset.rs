@@ -45,7 +45,8 @@ impl Dataset {
     /// With a `dir/labels.csv`: its header must have the columns `file` and `label` (others are
     /// ignored); `file` is relative to `dir`, `label` an integer in `0..1000`.
     ///
-    /// Otherwise `dir` is an ImageFolder tree: each sub-folder is named by a WordNet synset that
+    /// Otherwise, a folder holding only image files (no sub-folders) is listed unlabelled, in
+    /// sorted order. Otherwise `dir` is an ImageFolder tree: each sub-folder is named by a WordNet synset that
     /// `classes` maps to a class index, and holds (possibly in nested folders) images ending in
     /// .jpg/.jpeg/.png in any case, listed in sorted order. Hidden entries (starting with `.`)
     /// are skipped.
@@ -131,9 +132,19 @@ fn open_image_folder(dir: &Path, classes: Option<&ClassTable>) -> Result<Vec<Sam
         }
     }
     if class_dirs.is_empty() {
-        return Err(DataError::NoClassFolders {
-            path: dir.to_path_buf(),
-        });
+        // A flat folder of images: unlabelled (for attacks and `--pseudo-labels` training).
+        let mut files = Vec::new();
+        collect_images(dir, &mut files)?;
+        if files.is_empty() {
+            return Err(DataError::NoClassFolders {
+                path: dir.to_path_buf(),
+            });
+        }
+        files.sort();
+        return Ok(files
+            .into_iter()
+            .map(|path| Sample { path, label: None })
+            .collect());
     }
     let Some(classes) = classes else {
         return Err(DataError::NoClassTable {

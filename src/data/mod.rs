@@ -67,7 +67,7 @@ pub enum DataError {
     MissingDir { path: PathBuf },
     /// A data set folder has neither `labels.csv` nor class sub-folders.
     #[error(
-        "data set folder `{path}` has no `labels.csv` and no class sub-folders; expected a `labels.csv` (columns `file`,`label`) or sub-folders named by WordNet synset (like `n01440764`)"
+        "data set folder `{path}` has no `labels.csv`, no class sub-folders and no images; expected a `labels.csv` (columns `file`,`label`), sub-folders named by WordNet synset (like `n01440764`), or image files (unlabelled)"
     )]
     NoClassFolders { path: PathBuf },
     /// A folder (class folder of an ImageFolder tree) holds no image files.

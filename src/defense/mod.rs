@@ -5,6 +5,7 @@
 //! only the units on clean and perturbed images ([`train`]) with real or synthetic perturbations
 //! ([`synthetic`]). The backbone stays frozen, batch-norm statistics included.
 
+pub mod baselines;
 pub mod fru;
 pub mod ranking;
 pub mod synthetic;
@@ -281,6 +282,23 @@ impl Defense {
             frus: FruSet { units },
             stats,
         })
+    }
+
+    /// An identifier of this trained defence: SHA-256 over its metadata (which records its
+    /// training run) and BN statistics. Attacks computed through it record it.
+    pub fn id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(
+            serde_json::to_string(&self.meta)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        for (m, v) in self.stats.mean.iter().zip(&self.stats.var) {
+            for x in m.iter().chain(v.iter()).flatten() {
+                h.update(x.to_le_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Placements of the units.

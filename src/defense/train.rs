@@ -110,7 +110,8 @@ pub struct Validation {
     pub restoration_accuracy: f64,
 }
 
-/// Measure the defence on `val` (labelled), each image perturbed by one of `uaps` in turn.
+/// Measure the defence on `val`, each image perturbed by one of `uaps` in turn; for an
+/// unlabelled image the undefended clean prediction stands in for the label.
 pub fn validate(
     model: &Model,
     defense: &mut Defense,
@@ -130,17 +131,17 @@ pub fn validate(
         let dpert =
             logits_rows(defense.forward_pixels(model, perturbation::apply(b.pixels, v, clip)))?;
         for (i, s) in b.samples.iter().enumerate() {
-            if let Some(l) = s.label {
-                n += 1;
-                base += usize::from(argmax(&clean[i]) == l);
-                dc += usize::from(argmax(&dclean[i]) == l);
-                dp += usize::from(argmax(&dpert[i]) == l);
-            }
+            // Unlabelled images (pseudo-label training): the clean prediction stands in.
+            let l = s.label.unwrap_or_else(|| argmax(&clean[i]));
+            n += 1;
+            base += usize::from(argmax(&clean[i]) == l);
+            dc += usize::from(argmax(&dclean[i]) == l);
+            dp += usize::from(argmax(&dpert[i]) == l);
         }
     }
     if n == 0 {
         return Err(SfrError::NoImages(
-            "no labelled validation image could be read".into(),
+            "no validation image could be read".into(),
         ));
     }
     let r = |k| k as f64 / n as f64;

@@ -1,6 +1,9 @@
 //! Evaluation: images through a model, batched, with named metrics.
 
+pub mod generate;
 pub mod metrics;
+pub mod report;
+pub mod suite;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
