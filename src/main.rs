@@ -295,9 +295,38 @@ struct DemoArgs {
 struct RankArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Only these sites (default: every site).
+    /// Only these sites (default: every site; with --mask, the default FRU sites).
     #[arg(long, value_delimiter = ',')]
     sites: Vec<String>,
+    /// The masking experiment: top-1 on perturbed images when the top-k versus the bottom-k
+    /// ranked channels of one site get their clean activations back (needs --data and
+    /// --perturbation).
+    #[arg(long, requires_all = ["data", "perturbation"])]
+    mask: bool,
+    /// Labelled images for --mask.
+    #[arg(long, short)]
+    data: Vec<PathBuf>,
+    /// Class table for ImageFolder trees.
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// The perturbation for --mask.
+    #[arg(long, short)]
+    perturbation: Option<PathBuf>,
+    /// Fractions of a site's channels restored (k = ⌊C·f⌋).
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5")]
+    fraction: Vec<f64>,
+    /// Use at most N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the first N images.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Do not clip perturbed pixels to [0, 255].
+    #[arg(long)]
+    no_clip: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -1265,6 +1294,9 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
 }
 
 fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
+    if a.mask {
+        return mask_cmd(a, quiet);
+    }
     let model = load_model(&a.model, quiet)?;
     let sites: Vec<String> = if a.sites.is_empty() {
         model.sites().into_iter().map(|s| s.name).collect()
@@ -1308,6 +1340,81 @@ fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
         if !defaults.is_empty() {
             println!("* default FRU site for {}", model.spec().name);
         }
+    }
+    Ok(())
+}
+
+fn mask_cmd(a: RankArgs, quiet: bool) -> Result<()> {
+    let model = load_model(&a.model, quiet)?;
+    let sites = if a.sites.is_empty() {
+        sfr::defense::default_sites(&model)?
+    } else {
+        a.sites.clone()
+    };
+    let file = a
+        .perturbation
+        .clone()
+        .context("--mask needs --perturbation FILE")?;
+    let p = load_perturbations(std::slice::from_ref(&file), None, model.spec().input_size)?
+        .remove(0)
+        .1;
+    let ds = open_data(&a.data, &a.classes, a.skip, a.limit, quiet)?;
+    let pb = progress_bar(ds.samples.len(), quiet, "masking");
+    let rows = sfr::defense::ranking::masking(
+        &model,
+        &ds,
+        &p,
+        &sites,
+        &a.fraction,
+        !a.no_clip,
+        a.batch_size,
+        &mut |d, t| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({
+                "model": model.spec().name,
+                "data": ds.sources,
+                "perturbation": file,
+                "clip": !a.no_clip,
+                "metric": "top-1 accuracy on perturbed images with the k top- or bottom-ranked channels of one site replaced by their clean activations",
+                "rows": rows,
+            }))?
+        );
+        return Ok(());
+    }
+    if let Some(r) = rows.first() {
+        println!(
+            "{} on {} ({} images), perturbation {}: clean top-1 {:.3}, perturbed top-1 {:.3}",
+            model.spec().name,
+            ds.sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            r.n,
+            file.display(),
+            r.clean_top1,
+            r.perturbed_top1
+        );
+    }
+    println!(
+        "top-1 on perturbed images with k channels of one site given their clean activations:"
+    );
+    println!(
+        "{:<34} {:>5} {:>5}  {:>12} {:>15}",
+        "site", "C", "k", "top-k (ℓ1)", "bottom-k (ℓ1)"
+    );
+    for r in &rows {
+        println!(
+            "{:<34} {:>5} {:>5}  {:>12.3} {:>15.3}",
+            r.site, r.channels, r.k, r.top_k_restored_top1, r.bottom_k_restored_top1
+        );
     }
     Ok(())
 }

@@ -225,3 +225,65 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
     assert!(!ckpt.exists());
     let _ = TensorData::new(vec![0f32], [1]);
 }
+
+#[test]
+fn masking_with_every_channel_restored_gives_the_clean_accuracy() {
+    let model = mobilenet();
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let ds = sfr::data::Dataset::open(&data, None).unwrap().limit(8);
+    // A strong, structured perturbation: ±40 stripes.
+    let s = model.spec().input_size;
+    let v: Vec<f32> = (0..3 * s * s)
+        .map(|i| if (i / 7) % 2 == 0 { 40.0 } else { -40.0 })
+        .collect();
+    let meta =
+        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 40.0);
+    let p = sfr::perturbation::Perturbation::new(s, s, v, meta).unwrap();
+    let sites = vec!["features.0.0".to_string(), "features.2.conv.2".to_string()];
+    let rows = sfr::defense::ranking::masking(
+        &model,
+        &ds,
+        &p,
+        &sites,
+        &[0.5, 1.0],
+        true,
+        4,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    let clean = rows[0].clean_top1;
+    assert!(
+        rows[0].perturbed_top1 < clean,
+        "the stripes must hurt ({} vs {clean})",
+        rows[0].perturbed_top1
+    );
+    for r in &rows {
+        assert_eq!(r.n, 8);
+        if r.k == r.channels {
+            // Every channel of the site clean: the rest of the network sees clean input.
+            assert_eq!(r.top_k_restored_top1, clean, "{r:?}");
+            assert_eq!(r.bottom_k_restored_top1, clean, "{r:?}");
+        } else {
+            assert_eq!(r.k, r.channels / 2);
+        }
+    }
+    // An unknown site and an impossible fraction are errors.
+    assert!(
+        sfr::defense::ranking::masking(
+            &model,
+            &ds,
+            &p,
+            &["nope".into()],
+            &[0.5],
+            true,
+            4,
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
+    assert!(
+        sfr::defense::ranking::masking(&model, &ds, &p, &sites, &[1.5], true, 4, &mut |_, _| {})
+            .is_err()
+    );
+}
