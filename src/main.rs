@@ -186,6 +186,10 @@ struct DefendArgs {
     /// Train on the network's clean predictions instead of labels (unlabelled folders).
     #[arg(long)]
     pseudo_labels: bool,
+    /// Objective: `ce` (the paper's cross-entropy) or `distill` (match the undefended network's
+    /// clean output, for clean and perturbed images; needs no labels).
+    #[arg(long, value_enum, default_value_t = sfr::defense::train::Loss::Ce)]
+    loss: sfr::defense::train::Loss,
     /// No random horizontal flips.
     #[arg(long)]
     no_augment: bool,
@@ -283,8 +287,8 @@ struct DemoArgs {
     /// Output folder (perturbations, the defence, the report); rerunning reuses what is done.
     #[arg(long, short, default_value = "sfr-demo")]
     out: PathBuf,
-    /// Defence training epochs over the photos.
-    #[arg(long, default_value_t = 8)]
+    /// Defence training epochs over the photos (batches of 8).
+    #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
@@ -1181,6 +1185,7 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
         lr: a.lr,
         synthetic: !a.no_synthetic,
         pseudo_labels: a.pseudo_labels,
+        loss: a.loss,
         augment: !a.no_augment,
         seed: a.seed,
         clip: !a.no_clip,
@@ -1456,12 +1461,12 @@ fn generate_rows(
     data: &Dataset,
     dir: &Path,
     quiet: bool,
+    t0: std::time::Instant,
 ) -> Result<Vec<sfr::eval::suite::AttackRow>> {
     let names = sfr::eval::generate::planned_names(plan);
     let pb = progress_bar(data.samples.len(), quiet, "attacks");
     let lines = !quiet && !std::io::stderr().is_terminal();
     let mut current = String::new();
-    let t0 = std::time::Instant::now();
     let rows = sfr::eval::generate::generate(plan, model, defense, data, dir, &mut |name, p| {
         if name != current {
             current = name.to_string();
@@ -1552,8 +1557,14 @@ fn print_suite(
 
 fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
     sfr::perturbation::check_eps(a.norm, a.eps)?;
-    for &e in &a.stronger {
-        sfr::perturbation::check_eps(Norm::Linf, e)?;
+    if let Some(e) = a.stronger.iter().find(|e| !(e.is_finite() && **e > 0.0)) {
+        bail!("invalid --stronger: every budget must be a positive number, got {e}");
+    }
+    if !(a.cross_l2.is_finite() && a.cross_l2 >= 0.0) {
+        bail!(
+            "invalid --cross-l2: must be a positive ℓ2 budget (0 for no row), got {}",
+            a.cross_l2
+        );
     }
     if a.out.is_file() {
         bail!("--out {} is a file; give a folder", a.out.display());
@@ -1605,6 +1616,7 @@ fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
             &gen_data,
             &a.out.join("attacks"),
             quiet,
+            std::time::Instant::now(),
         )?);
     }
     rows.extend(attack_rows(&a.attacks, size, ("sgd", a.norm, a.eps))?);
@@ -1690,13 +1702,18 @@ fn demo_cmd(a: DemoArgs, quiet: bool) -> Result<()> {
                     eps: 10.0,
                     seed,
                     clip: true,
-                    batch_size: 32,
+                    batch_size: 8,
                     checkpoint: Some(PathBuf::from(&ckpt)),
                     resume: true,
                     progress: &mut report,
                     defense: None,
                 };
-                let p = attack::sgd::run(&SgdConfig::default(), &mut ctx)?;
+                // Few images: small batches and more passes, for enough steps.
+                let sgd = SgdConfig {
+                    epochs: 10,
+                    ..SgdConfig::default()
+                };
+                let p = attack::sgd::run(&sgd, &mut ctx)?;
                 pb.finish_and_clear();
                 p.save(&path)?;
                 let _ = std::fs::remove_file(PathBuf::from(&ckpt));
@@ -1732,6 +1749,7 @@ fn demo_cmd(a: DemoArgs, quiet: bool) -> Result<()> {
             };
             let cfg = sfr::defense::train::TrainConfig {
                 epochs: a.epochs,
+                batch_size: 8,
                 pseudo_labels: true,
                 ..Default::default()
             };
@@ -1771,9 +1789,10 @@ fn demo_cmd(a: DemoArgs, quiet: bool) -> Result<()> {
     let plan = sfr::eval::generate::GeneratePlan {
         seed: 0,
         sgd: SgdConfig {
-            epochs: 4,
+            epochs: 8,
             ..SgdConfig::default()
         },
+        batch_size: 8,
         activation_iterations: 100,
         deepfool: Some(attack::deepfool::DeepFoolConfig {
             max_passes: 1,
@@ -1790,6 +1809,7 @@ fn demo_cmd(a: DemoArgs, quiet: bool) -> Result<()> {
         &train,
         &a.out.join("attacks"),
         quiet,
+        t0,
     )?;
     say(&format!(
         "   evaluating {} attack rows × 5 defences on {} labelled images",

@@ -336,3 +336,56 @@ fn bad_perturbations_are_rejected() {
     ]);
     assert_error(&o, &["--eps"]);
 }
+
+#[test]
+fn suite_and_demo_refuse_bad_input() {
+    let d = dir("suite");
+    let w = mobilenet();
+    // A missing defence file names it.
+    let missing = d.join("nope.safetensors");
+    let o = sfr(&[
+        "suite",
+        "--weights",
+        &w,
+        "--defense",
+        &missing.display().to_string(),
+        "--out",
+        &d.join("out").display().to_string(),
+    ]);
+    assert_error(&o, &["nope.safetensors"]);
+    // A perturbation file is not a defence.
+    let p = d.join("p.safetensors");
+    let meta =
+        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
+    sfr::perturbation::Perturbation::new(224, 224, vec![1.0; 3 * 224 * 224], meta)
+        .unwrap()
+        .save(&p)
+        .unwrap();
+    let o = sfr(&[
+        "suite",
+        "--weights",
+        &w,
+        "--defense",
+        &p.display().to_string(),
+        "--out",
+        &d.join("out").display().to_string(),
+    ]);
+    assert_error(&o, &["p.safetensors"]);
+    // --out must be a folder.
+    let file = d.join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    let o = sfr(&["demo", "--out", &file.display().to_string()]);
+    assert_error(&o, &["file.txt", "folder"]);
+    // An impossible stronger budget.
+    let o = sfr(&[
+        "suite",
+        "--weights",
+        &w,
+        "--defense",
+        &p.display().to_string(),
+        "--stronger=-5",
+        "--out",
+        &d.join("out").display().to_string(),
+    ]);
+    assert_error(&o, &["--stronger", "-5"]);
+}

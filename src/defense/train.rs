@@ -24,6 +24,19 @@ use crate::eval::{load_batch, logits_rows, metrics};
 use crate::perturbation::{self, Perturbation};
 use crate::zoo::{Model, NoTap};
 
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// The paper's: the backbone's softmax cross-entropy on the labels (or, with
+    /// `pseudo_labels`, on the clean predictions), for clean and perturbed images alike.
+    Ce,
+    /// Cross-entropy against the undefended network's softmax on the clean image (soft
+    /// targets), for the clean image and for its perturbed version: the units learn to give back
+    /// the clean network's output, and leave clean images as they were. Needs no labels.
+    Distill,
+}
+
 /// Training parameters.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainConfig {
@@ -37,6 +50,8 @@ pub struct TrainConfig {
     pub synthetic: bool,
     /// Train on the clean predictions instead of the labels.
     pub pseudo_labels: bool,
+    /// The objective.
+    pub loss: Loss,
     /// Random horizontal flips.
     pub augment: bool,
     /// Seed.
@@ -53,6 +68,7 @@ impl Default for TrainConfig {
             lr: 1e-3,
             synthetic: true,
             pseudo_labels: false,
+            loss: Loss::Ce,
             augment: true,
             seed: 0,
             clip: true,
@@ -224,7 +240,16 @@ pub fn train(
             if cfg.augment && rng.random::<bool>() {
                 x = x.flip([3]);
             }
-            let labels: Vec<usize> = if cfg.pseudo_labels {
+            // Soft targets of the distillation loss: the undefended network on the clean images.
+            let teacher = if cfg.loss == Loss::Distill {
+                let logits = model.forward_pixels(x.clone(), &mut NoTap);
+                Some(burn::tensor::activation::softmax(logits, 1))
+            } else {
+                None
+            };
+            let labels: Vec<usize> = if teacher.is_some() {
+                Vec::new()
+            } else if cfg.pseudo_labels {
                 logits_rows(model.forward_pixels(x.clone(), &mut NoTap))?
                     .iter()
                     .map(|r| argmax(r))
@@ -270,7 +295,10 @@ pub fn train(
                 return Err(SfrError::param("defense", "not every FRU site was visited"));
             }
             let logp = burn::tensor::activation::log_softmax(logits, 1);
-            let loss = logp.gather(1, label_tensor(&labels, &adev)).neg().mean();
+            let loss = match teacher {
+                Some(t) => (logp * t.autodiff()).sum_dim(1).neg().mean(),
+                None => logp.gather(1, label_tensor(&labels, &adev)).neg().mean(),
+            };
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
                 return Err(SfrError::param(
