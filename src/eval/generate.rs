@@ -17,24 +17,68 @@ use crate::error::{Result, SfrError};
 use crate::perturbation::{Norm, Perturbation};
 use crate::zoo::Model;
 
+/// An attack kind the suite can compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// SGD-UAP.
+    Sgd,
+    /// FFF (data-free).
+    Fff,
+    /// GD-UAP with a prior.
+    GdUap(Prior),
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Sgd => "sgd",
+            Kind::Fff => "FFF",
+            Kind::GdUap(Prior::None) => "GD-UAP",
+            Kind::GdUap(Prior::Range) => "GD-UAP (range prior)",
+            Kind::GdUap(Prior::Data) => "GD-UAP (data prior)",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Sgd => "sgd",
+            Kind::Fff => "fff",
+            Kind::GdUap(Prior::None) => "gduap",
+            Kind::GdUap(Prior::Range) => "gduap_range",
+            Kind::GdUap(Prior::Data) => "gduap_data",
+        }
+    }
+
+    fn job(self) -> Job {
+        match self {
+            Kind::Sgd => Job::Sgd { adaptive: false },
+            Kind::Fff => Job::Activation(Objective::Fff, Prior::None),
+            Kind::GdUap(p) => Job::Activation(Objective::GdUap, p),
+        }
+    }
+}
+
 /// What to compute.
 #[derive(Debug, Clone)]
 pub struct GeneratePlan {
     /// Base seed; the suite's attacks use seeds from `seed + 100` on, away from training seeds.
     pub seed: u64,
-    /// Norm and budget of the defence's training perturbations (the seen kind).
-    pub seen: (Norm, f64),
+    /// The kind, norm and budget of the defence's training perturbations: the seen row, and
+    /// the kind of the stronger and cross-norm rows.
+    pub seen: (Kind, Norm, f64),
+    /// Unseen kinds (besides DeepFool-UAP).
+    pub unseen: Vec<Kind>,
     /// Stronger ℓ∞ budgets.
     pub stronger: Vec<f64>,
     /// ℓ2 budget of the cross-norm row (none: no row).
     pub cross_l2: Option<f64>,
-    /// SGD-UAP settings (seen, stronger, cross-norm, adaptive).
+    /// SGD-UAP settings (also the adaptive attack's).
     pub sgd: SgdConfig,
-    /// FFF and GD-UAP (range prior) iterations (0: no rows).
+    /// FFF and GD-UAP iterations.
     pub activation_iterations: usize,
     /// DeepFool-UAP (none: no row).
     pub deepfool: Option<DeepFoolConfig>,
-    /// The adaptive attack through the defence.
+    /// The adaptive attack: SGD-UAP through the defended network.
     pub adaptive: bool,
     /// Images held out from the generation data for the attacks' running estimate.
     pub holdout: usize,
@@ -48,7 +92,8 @@ impl Default for GeneratePlan {
     fn default() -> Self {
         GeneratePlan {
             seed: 0,
-            seen: (Norm::Linf, 10.0),
+            seen: (Kind::Sgd, Norm::Linf, 10.0),
+            unseen: vec![Kind::Fff, Kind::GdUap(Prior::Range)],
             stronger: vec![15.0, 20.0, 25.0],
             cross_l2: Some(2000.0),
             sgd: SgdConfig::default(),
@@ -65,9 +110,10 @@ impl Default for GeneratePlan {
     }
 }
 
+#[derive(Clone)]
 enum Job {
-    Sgd(Norm, f64, bool),
-    Random(Norm, f64),
+    Sgd { adaptive: bool },
+    Random,
     Activation(Objective, Prior),
     DeepFool(DeepFoolConfig),
 }
@@ -77,6 +123,8 @@ struct Planned {
     name: String,
     category: Category,
     seed: u64,
+    norm: Norm,
+    eps: f64,
     job: Job,
 }
 
@@ -84,77 +132,89 @@ fn eps_key(e: f64) -> String {
     format!("{}", e).replace('.', "p")
 }
 
+fn sym(n: Norm) -> &'static str {
+    if n == Norm::Linf { "ℓ∞" } else { "ℓ2" }
+}
+
 fn plan_jobs(plan: &GeneratePlan) -> Vec<Planned> {
     let s = plan.seed + 100;
-    let (sn, se) = plan.seen;
-    let sym = |n: Norm| if n == Norm::Linf { "ℓ∞" } else { "ℓ2" };
+    let (kind, sn, se) = plan.seen;
+    let job = |key: String, name: String, category, norm, eps, job| Planned {
+        key,
+        name,
+        category,
+        seed: s,
+        norm,
+        eps,
+        job,
+    };
     let mut v = vec![
-        Planned {
-            key: format!("seen_sgd_{sn}_{}", eps_key(se)),
-            name: format!("sgd {} {} (held-out seed)", sym(sn), se),
-            category: Category::Seen,
-            seed: s,
-            job: Job::Sgd(sn, se, false),
-        },
-        Planned {
-            key: format!("control_random_{sn}_{}", eps_key(se)),
-            name: format!("random sign noise {} {}", sym(sn), se),
-            category: Category::Control,
-            seed: s,
-            job: Job::Random(sn, se),
-        },
+        job(
+            format!("seen_{}_{sn}_{}", kind.key(), eps_key(se)),
+            format!("{} {} {} (held-out seed)", kind.label(), sym(sn), se),
+            Category::Seen,
+            sn,
+            se,
+            kind.job(),
+        ),
+        job(
+            format!("control_random_{sn}_{}", eps_key(se)),
+            format!("random sign noise {} {}", sym(sn), se),
+            Category::Control,
+            sn,
+            se,
+            Job::Random,
+        ),
     ];
-    if plan.activation_iterations > 0 {
-        v.push(Planned {
-            key: "unseen_fff".into(),
-            name: format!("FFF {} {}", sym(sn), se),
-            category: Category::Unseen,
-            seed: s,
-            job: Job::Activation(Objective::Fff, Prior::None),
-        });
-        v.push(Planned {
-            key: "unseen_gduap_range".into(),
-            name: format!("GD-UAP (range prior) {} {}", sym(sn), se),
-            category: Category::Unseen,
-            seed: s,
-            job: Job::Activation(Objective::GdUap, Prior::Range),
-        });
+    for &k in plan.unseen.iter().filter(|&&k| k != kind) {
+        v.push(job(
+            format!("unseen_{}", k.key()),
+            format!("{} {} {}", k.label(), sym(sn), se),
+            Category::Unseen,
+            sn,
+            se,
+            k.job(),
+        ));
     }
     if let Some(df) = &plan.deepfool {
-        v.push(Planned {
-            key: "unseen_deepfool".into(),
-            name: format!("DeepFool-UAP {} {}", sym(sn), se),
-            category: Category::Unseen,
-            seed: s,
-            job: Job::DeepFool(df.clone()),
-        });
+        v.push(job(
+            "unseen_deepfool".into(),
+            format!("DeepFool-UAP {} {}", sym(sn), se),
+            Category::Unseen,
+            sn,
+            se,
+            Job::DeepFool(df.clone()),
+        ));
     }
     for &e in &plan.stronger {
-        v.push(Planned {
-            key: format!("stronger_sgd_linf_{}", eps_key(e)),
-            name: format!("sgd ℓ∞ {e}"),
-            category: Category::Stronger,
-            seed: s,
-            job: Job::Sgd(Norm::Linf, e, false),
-        });
+        v.push(job(
+            format!("stronger_{}_linf_{}", kind.key(), eps_key(e)),
+            format!("{} ℓ∞ {e}", kind.label()),
+            Category::Stronger,
+            Norm::Linf,
+            e,
+            kind.job(),
+        ));
     }
     if let Some(e) = plan.cross_l2 {
-        v.push(Planned {
-            key: format!("crossnorm_sgd_l2_{}", eps_key(e)),
-            name: format!("sgd ℓ2 {e}"),
-            category: Category::CrossNorm,
-            seed: s,
-            job: Job::Sgd(Norm::L2, e, false),
-        });
+        v.push(job(
+            format!("crossnorm_{}_l2_{}", kind.key(), eps_key(e)),
+            format!("{} ℓ2 {e}", kind.label()),
+            Category::CrossNorm,
+            Norm::L2,
+            e,
+            kind.job(),
+        ));
     }
     if plan.adaptive {
-        v.push(Planned {
-            key: format!("adaptive_sgd_{sn}_{}", eps_key(se)),
-            name: format!("adaptive sgd {} {} through the defence", sym(sn), se),
-            category: Category::Adaptive,
-            seed: s,
-            job: Job::Sgd(sn, se, true),
-        });
+        v.push(job(
+            format!("adaptive_sgd_{sn}_{}", eps_key(se)),
+            format!("adaptive sgd {} {} through the defence", sym(sn), se),
+            Category::Adaptive,
+            sn,
+            se,
+            Job::Sgd { adaptive: true },
+        ));
     }
     v
 }
@@ -192,10 +252,7 @@ pub fn generate(
             Some(p) => p,
             None => {
                 let (train, hold) = attack::split_holdout(data, holdout, job.seed)?;
-                let (norm, eps) = match &job.job {
-                    Job::Sgd(n, e, _) | Job::Random(n, e) => (*n, *e),
-                    _ => plan.seen,
-                };
+                let (norm, eps) = (job.norm, job.eps);
                 let mut ckpt = path.clone().into_os_string();
                 ckpt.push(".ckpt");
                 let ckpt = PathBuf::from(ckpt);
@@ -214,13 +271,13 @@ pub fn generate(
                     resume: true,
                     progress: &mut report,
                     defense: match job.job {
-                        Job::Sgd(_, _, true) => Some(defense),
+                        Job::Sgd { adaptive: true } => Some(defense),
                         _ => None,
                     },
                 };
                 let p = match &job.job {
-                    Job::Sgd(..) => attack::sgd::run(&plan.sgd, &mut ctx)?,
-                    Job::Random(..) => attack::random::run(&mut ctx)?,
+                    Job::Sgd { .. } => attack::sgd::run(&plan.sgd, &mut ctx)?,
+                    Job::Random => attack::random::run(&mut ctx)?,
                     Job::Activation(o, pr) => {
                         let mut c = ActivationConfig::new(*o, *pr);
                         c.iterations = plan.activation_iterations;
@@ -257,24 +314,28 @@ fn reuse(
     }
     let p = Perturbation::load(path)?;
     let attack = match job.job {
-        Job::Sgd(..) => "sgd",
-        Job::Random(..) => "random",
+        Job::Sgd { .. } => "sgd",
+        Job::Random => "random",
         Job::Activation(Objective::Fff, _) => "fff",
         Job::Activation(Objective::GdUap, _) => "gduap",
         Job::DeepFool(_) => "deepfool",
     };
+    let prior = match job.job {
+        Job::Activation(_, p) => Some(serde_json::json!(p)),
+        _ => None,
+    };
     let same = p.meta.attack == attack
         && p.meta.model.as_deref() == Some(model.spec().name)
         && p.meta.seed == Some(job.seed)
-        && match job.job {
-            Job::Sgd(n, e, _) | Job::Random(n, e) => p.meta.norm == n && p.meta.eps == e,
-            _ => true,
-        }
+        && p.meta.norm == job.norm
+        && p.meta.eps == job.eps
+        && prior.is_none_or(|pr| p.meta.params.get("prior") == Some(&pr))
         && p.meta
             .params
             .get("through_defense")
             .map(|t| t["id"].clone())
-            == matches!(job.job, Job::Sgd(_, _, true)).then(|| serde_json::json!(defense.id()));
+            == matches!(job.job, Job::Sgd { adaptive: true })
+                .then(|| serde_json::json!(defense.id()));
     if !same {
         return Err(SfrError::param(
             "suite",
