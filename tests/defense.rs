@@ -287,3 +287,37 @@ fn masking_with_every_channel_restored_gives_the_clean_accuracy() {
             .is_err()
     );
 }
+
+#[test]
+fn gradients_reach_the_input_through_the_defence() {
+    // Through an untrained defence (the identity) the input gradient equals the bare network's;
+    // through a changed one it differs but stays non-zero: the adaptive attack sees the FRUs.
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let grad = |target: &sfr::attack::Target| -> Vec<f32> {
+        let xa = x.clone().autodiff().require_grad();
+        let logits = target.logits_grad(xa.clone());
+        let loss = logits.clone().sum_dim(1).mean() + logits.max_dim(1).mean();
+        let g = loss.backward();
+        xa.grad(&g)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let plain = grad(&sfr::attack::Target::plain(&model));
+    let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    let through = grad(&sfr::attack::Target::defended(&model, &d).unwrap());
+    let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    assert!(
+        common::max_abs_diff(&plain, &through) <= 1e-4 * scale,
+        "identity defence: same gradient"
+    );
+    let w4 = d.frus.units[0].w4.val();
+    d.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.05));
+    let changed = grad(&sfr::attack::Target::defended(&model, &d).unwrap());
+    assert!(common::max_abs_diff(&plain, &changed) > 1e-3 * scale);
+    assert!(changed.iter().any(|v| *v != 0.0));
+}
