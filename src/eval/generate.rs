@@ -252,7 +252,6 @@ pub fn generate(
             Some(p) => p,
             None => {
                 let (train, hold) = attack::split_holdout(data, holdout, job.seed)?;
-                let (norm, eps) = (job.norm, job.eps);
                 let mut ckpt = path.clone().into_os_string();
                 ckpt.push(".ckpt");
                 let ckpt = PathBuf::from(ckpt);
@@ -262,8 +261,8 @@ pub fn generate(
                     model,
                     train: &train,
                     holdout: &hold,
-                    norm,
-                    eps,
+                    norm: job.norm,
+                    eps: job.eps,
                     seed: job.seed,
                     clip: plan.clip,
                     batch_size: plan.batch_size,
