@@ -224,22 +224,7 @@ impl Defense {
             opts.sites.clone()
         };
         // Forward order, as the taps see them.
-        let all = model.sites();
-        let mut ordered: Vec<String> = Vec::new();
-        for s in &all {
-            if sites.contains(&s.name) {
-                ordered.push(s.name.clone());
-            }
-        }
-        if let Some(bad) = sites.iter().find(|s| !ordered.contains(s)) {
-            return Err(SfrError::param(
-                "--sites",
-                format!(
-                    "`{bad}` is not a site of {} (`sfr rank` lists them)",
-                    model.spec().name
-                ),
-            ));
-        }
+        let ordered = model.order_sites(&sites)?;
         burn::tensor::Device::seed(device, opts.seed);
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(opts.seed);
         let mut meta = DefenseMeta {

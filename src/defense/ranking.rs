@@ -151,22 +151,7 @@ pub fn masking(
         ));
     }
     perturbation.check_size(model.spec().input_size, "the masking perturbation")?;
-    // Sites in forward order, as the taps see them.
-    let ordered: Vec<String> = model
-        .sites()
-        .into_iter()
-        .map(|s| s.name)
-        .filter(|n| sites.contains(n))
-        .collect();
-    if let Some(bad) = sites.iter().find(|s| !ordered.contains(s)) {
-        return Err(SfrError::param(
-            "--sites",
-            format!(
-                "`{bad}` is not a site of {} (`sfr rank` lists them)",
-                model.spec().name
-            ),
-        ));
-    }
+    let ordered = model.order_sites(sites)?;
     let rankings: Vec<SiteRanking> = ordered
         .iter()
         .map(|s| rank_site(model, s))

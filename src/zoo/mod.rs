@@ -196,6 +196,27 @@ impl Model {
             .collect()
     }
 
+    /// `names` in forward order (as the taps see them); a name that is not a site is an error
+    /// that names it.
+    pub fn order_sites(&self, names: &[String]) -> Result<Vec<String>> {
+        let ordered: Vec<String> = self
+            .sites()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| names.contains(n))
+            .collect();
+        if let Some(bad) = names.iter().find(|s| !ordered.contains(s)) {
+            return Err(SfrError::param(
+                "--sites",
+                format!(
+                    "`{bad}` is not a site of {} (`sfr rank` lists them)",
+                    self.spec.name
+                ),
+            ));
+        }
+        Ok(ordered)
+    }
+
     /// The conv at site `name`.
     pub fn conv(&self, name: &str) -> Option<&Conv> {
         self.net.convs().into_iter().find(|c| c.name == name)
