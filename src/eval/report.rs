@@ -311,15 +311,7 @@ fn png_base64(chw: &[f32], size: usize) -> Result<String> {
             rgb[i * 3 + c] = chw[c * size * size + i].round().clamp(0.0, 255.0) as u8;
         }
     }
-    let img = image::RgbImage::from_raw(size as u32, size as u32, rgb)
-        .ok_or_else(|| SfrError::param("example image", "buffer size mismatch"))?;
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| SfrError::param("png", e.to_string()))?;
-    Ok(base64(&bytes))
+    Ok(base64(&crate::perturbation::encode_png(rgb, size, size)?))
 }
 
 /// Standard base64 (RFC 4648) with padding.

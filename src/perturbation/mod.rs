@@ -544,13 +544,18 @@ pub fn write_png(p: &Perturbation, path: &Path) -> Result<()> {
             }
         }
     }
+    crate::fetch::write_atomic(path, &encode_png(rgb, w, h)?)
+}
+
+/// PNG bytes of an interleaved RGB (H×W×3) 8-bit image.
+pub fn encode_png(rgb: Vec<u8>, w: usize, h: usize) -> Result<Vec<u8>> {
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
-        .ok_or_else(|| SfrError::param("perturbation", "image buffer size mismatch"))?;
+        .ok_or_else(|| SfrError::param("png", "image buffer size mismatch"))?;
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )
     .map_err(|e| SfrError::param("png", e.to_string()))?;
-    crate::fetch::write_atomic(path, &bytes)
+    Ok(bytes)
 }
