@@ -193,6 +193,18 @@ struct DefendArgs {
     /// No random horizontal flips.
     #[arg(long)]
     no_augment: bool,
+    /// Random-resized crops covering at least this fraction of each image's area (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    crop_scale: f64,
+    /// Learning-rate schedule over the run.
+    #[arg(long, value_enum, default_value_t = sfr::defense::train::Schedule::Constant)]
+    schedule: sfr::defense::train::Schedule,
+    /// Keep the epoch with the best validation restoration accuracy (needs --val > 0).
+    #[arg(long)]
+    keep_best: bool,
+    /// Weight of the clean half of each mini-batch in the loss (the perturbed half weighs 1).
+    #[arg(long, default_value_t = 1.0)]
+    clean_weight: f64,
     /// Do not clip perturbed pixels to [0, 255].
     #[arg(long)]
     no_clip: bool,
@@ -1226,10 +1238,21 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
         pseudo_labels: a.pseudo_labels,
         loss: a.loss,
         augment: !a.no_augment,
+        crop_scale: a.crop_scale,
+        schedule: a.schedule,
+        keep_best: a.keep_best,
+        clean_weight: a.clean_weight,
         seed: a.seed,
         clip: !a.no_clip,
     };
     cfg.validate()?;
+    if a.keep_best && a.val == 0 {
+        return Err(sfr::error::SfrError::param(
+            "--keep-best",
+            "needs validation images (--val > 0) to pick the best epoch",
+        )
+        .into());
+    }
     let model = load_model(&a.model, quiet)?;
     let size = model.spec().input_size;
     let uaps: Vec<Perturbation> = load_perturbations(&a.uaps, None, size)?
@@ -1293,14 +1316,21 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
             pb.set_length(p.total as u64);
             pb.set_position(p.done as u64);
             let mut msg = format!("epoch {}/{}", p.epoch, cfg.epochs);
-            if let Some(l) = p.loss {
-                msg.push_str(&format!(" loss {l:.3}"));
+            if let Some(l) = p.mean_loss {
+                msg.push_str(&format!(" mean loss {l:.3}"));
             }
+            // During an epoch the validation shown is the last finished epoch's; the report
+            // that closes an epoch (no batch loss) carries its own.
             if let Some(r) = p.val_restoration {
-                msg.push_str(&format!(" val restoration {r:.3}"));
+                let which = if p.loss.is_none() {
+                    ""
+                } else {
+                    " (last epoch)"
+                };
+                msg.push_str(&format!(" val restoration{which} {r:.3}"));
             }
             pb.set_message(msg.clone());
-            if lines && p.done == p.total && p.epoch != last_epoch {
+            if lines && p.loss.is_none() && p.epoch != last_epoch {
                 eprintln!("{msg}");
                 last_epoch = p.epoch;
             }
@@ -1323,9 +1353,13 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
             defense.meta.sites.join(", "),
             seconds
         );
-        if let Some(v) = history.last() {
+        let selected = defense.meta.training["selected_epoch"]
+            .as_u64()
+            .map_or(history.len(), |e| e as usize);
+        if let Some(v) = selected.checked_sub(1).and_then(|i| history.get(i)) {
             println!(
-                "validation ({} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
+                "kept epoch {selected} of {}; its validation ({} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
+                history.len(),
                 val.samples.len(),
                 v.baseline_clean_top1,
                 v.defended_clean_top1,

@@ -389,3 +389,46 @@ fn suite_and_demo_refuse_bad_input() {
     ]);
     assert_error(&o, &["--stronger", "-5"]);
 }
+
+#[test]
+fn defend_refuses_impossible_training_parameters() {
+    let d = dir("defend_params");
+    write_png(&d.join("a.png"));
+    write_png(&d.join("b.png"));
+    std::fs::write(d.join("labels.csv"), "file,label\na.png,1\nb.png,2\n").unwrap();
+    let w = mobilenet();
+    let p = d.join("p.safetensors");
+    let meta =
+        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
+    sfr::perturbation::Perturbation::new(224, 224, vec![1.0; 3 * 224 * 224], meta)
+        .unwrap()
+        .save(&p)
+        .unwrap();
+    let out = d.join("d.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "defend",
+            "--weights",
+            &w,
+            "--data",
+            d.to_str().unwrap(),
+            "--uap",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        sfr(&args)
+    };
+    assert_error(&run(&["--crop-scale", "0"]), &["--crop-scale", "(0, 1]"]);
+    assert_error(&run(&["--crop-scale", "1.5"]), &["--crop-scale", "1.5"]);
+    assert_error(
+        &run(&["--clean-weight", "0"]),
+        &["--clean-weight", "positive"],
+    );
+    assert_error(
+        &run(&["--keep-best", "--val", "0"]),
+        &["--keep-best", "--val"],
+    );
+    assert!(!out.exists(), "nothing written on a refused run");
+}

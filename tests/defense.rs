@@ -170,6 +170,11 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
             "4",
             "--val",
             "2",
+            "--keep-best",
+            "--schedule",
+            "cosine",
+            "--crop-scale",
+            "0.5",
             "--data",
         ]
         .iter()
@@ -223,6 +228,30 @@ fn killed_defend_resumes_losing_at_most_one_epoch() {
         "one validation per epoch, none lost"
     );
     assert!(!ckpt.exists());
+    // --keep-best: the file holds the first epoch with the best validation restoration (after
+    // the kill that epoch's weights came back from the file kept beside the checkpoint).
+    let history: Vec<f64> = m["training"]["validation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["restoration_accuracy"].as_f64().unwrap())
+        .collect();
+    let best = history
+        .iter()
+        .enumerate()
+        .fold((0, f64::MIN), |b, (i, &r)| if r > b.1 { (i, r) } else { b });
+    assert_eq!(m["training"]["selected_epoch"], best.0 + 1);
+    let model = mobilenet();
+    let mut d = Defense::load(&out, &model, model.device()).unwrap();
+    let ds = sfr::data::Dataset::open(&data, None).unwrap();
+    let (_, val) = sfr::attack::split_holdout(&ds, 2, 0).unwrap();
+    let p = sfr::perturbation::Perturbation::load(&uap).unwrap();
+    let v = sfr::defense::train::validate(&model, &mut d, &val, &[p], true, 16).unwrap();
+    assert_eq!(
+        v.restoration_accuracy, best.1,
+        "the kept weights are the best epoch's"
+    );
+    assert!(!dir.join("d.safetensors.ckpt.best").exists());
     let _ = TensorData::new(vec![0f32], [1]);
 }
 

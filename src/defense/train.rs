@@ -2,6 +2,10 @@
 //! learn, with the backbone's own loss (softmax cross-entropy on labels, or on the clean
 //! predictions with `pseudo_labels`), on mini-batches that are half clean and half perturbed by
 //! a training perturbation (a real UAP or, by default, a synthetic one drawn from them).
+//!
+//! Beyond the paper, all off by default: the distillation loss ([`Loss::Distill`]), a cosine
+//! learning-rate schedule, random-resized crops, a weight on the clean half, and keeping the epoch
+//! with the best validation restoration accuracy instead of the last.
 
 use std::path::Path;
 use std::time::Instant;
@@ -37,6 +41,29 @@ pub enum Loss {
     Distill,
 }
 
+/// The learning-rate schedule over the whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The same rate throughout.
+    Constant,
+    /// Cosine decay from the rate to zero over all steps of all epochs.
+    Cosine,
+}
+
+impl Schedule {
+    /// The rate at `step` of `total` steps for base rate `lr`.
+    pub fn rate(self, lr: f64, step: usize, total: usize) -> f64 {
+        match self {
+            Schedule::Constant => lr,
+            Schedule::Cosine => {
+                let t = step as f64 / total.max(1) as f64;
+                0.5 * lr * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        }
+    }
+}
+
 /// Training parameters.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainConfig {
@@ -52,8 +79,17 @@ pub struct TrainConfig {
     pub pseudo_labels: bool,
     /// The objective.
     pub loss: Loss,
-    /// Random horizontal flips.
+    /// Random horizontal flips, per image.
     pub augment: bool,
+    /// Random-resized crops (per image, resized back to the input size) covering at least this
+    /// fraction of the image's area; 1 turns them off.
+    pub crop_scale: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Keep the epoch with the best validation restoration accuracy instead of the last one.
+    pub keep_best: bool,
+    /// Weight of the clean half of each mini-batch in the loss (the perturbed half weighs 1).
+    pub clean_weight: f64,
     /// Seed.
     pub seed: u64,
     /// Clip perturbed pixels to [0, 255].
@@ -70,6 +106,10 @@ impl Default for TrainConfig {
             pseudo_labels: false,
             loss: Loss::Ce,
             augment: true,
+            crop_scale: 1.0,
+            schedule: Schedule::Constant,
+            keep_best: false,
+            clean_weight: 1.0,
             seed: 0,
             clip: true,
         }
@@ -94,8 +134,64 @@ impl TrainConfig {
                 format!("must be positive, got {}", self.lr),
             ));
         }
+        if !(self.clean_weight > 0.0 && self.clean_weight.is_finite()) {
+            return Err(SfrError::param(
+                "--clean-weight",
+                format!("must be positive, got {}", self.clean_weight),
+            ));
+        }
+        if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
+            return Err(SfrError::param(
+                "--crop-scale",
+                format!(
+                    "must be in (0, 1] (the smallest fraction of the image a crop covers), got {}",
+                    self.crop_scale
+                ),
+            ));
+        }
         Ok(())
     }
+}
+
+/// One random-resized crop of a C×S×S image (square crop of at least `min_area` of the area,
+/// at a random place, bilinearly resized back to S×S), mirrored when `flip`.
+fn crop_flip(
+    img: &[f32],
+    size: usize,
+    min_area: f64,
+    flip: bool,
+    rng: &mut ChaCha8Rng,
+) -> Vec<f32> {
+    let area = if min_area < 1.0 {
+        rng.random_range(min_area..=1.0)
+    } else {
+        1.0
+    };
+    let side = ((area.sqrt() * size as f64).round() as usize).clamp(1, size);
+    let x0 = rng.random_range(0..=size - side) as f64;
+    let y0 = rng.random_range(0..=size - side) as f64;
+    let scale = side as f64 / size as f64;
+    let mut out = vec![0f32; img.len()];
+    let plane = size * size;
+    for oy in 0..size {
+        // Pixel centres map onto the crop (align_corners = false).
+        let sy = (y0 + (oy as f64 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f64);
+        let (y1, fy) = (sy.floor() as usize, sy - sy.floor());
+        let y2 = (y1 + 1).min(size - 1);
+        for ox in 0..size {
+            let dx = if flip { size - 1 - ox } else { ox };
+            let sx = (x0 + (dx as f64 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f64);
+            let (x1, fx) = (sx.floor() as usize, sx - sx.floor());
+            let x2 = (x1 + 1).min(size - 1);
+            for c in 0..img.len() / plane {
+                let p = &img[c * plane..(c + 1) * plane];
+                let top = p[y1 * size + x1] as f64 * (1.0 - fx) + p[y1 * size + x2] as f64 * fx;
+                let bot = p[y2 * size + x1] as f64 * (1.0 - fx) + p[y2 * size + x2] as f64 * fx;
+                out[c * plane + oy * size + ox] = (top * (1.0 - fy) + bot * fy) as f32;
+            }
+        }
+    }
+    out
 }
 
 /// Progress of training.
@@ -107,9 +203,11 @@ pub struct TrainProgress {
     pub done: usize,
     /// Images per epoch.
     pub total: usize,
-    /// Loss of the last batch.
+    /// Loss of the last batch (`None` in the report that closes an epoch).
     pub loss: Option<f64>,
-    /// Validation restoration accuracy after the epoch.
+    /// Mean batch loss of the epoch so far.
+    pub mean_loss: Option<f64>,
+    /// Validation restoration accuracy after the last finished epoch.
     pub val_restoration: Option<f64>,
 }
 
@@ -220,6 +318,34 @@ pub fn train(
         .to_device(&adev)
         .train();
     let mut optim = AdamConfig::new().init();
+    // The best epoch so far: (epoch, validation restoration, its weights). A resumed run finds
+    // it beside the checkpoint (written before the checkpoint, so never older than it).
+    let mut best: Option<(usize, f64, super::fru::FruSet, super::fru::BnStats)> = None;
+    if let (true, Some(path)) = (cfg.keep_best, checkpoint) {
+        let bp = best_path(path);
+        if start_epoch == 0 {
+            if bp.exists() {
+                std::fs::remove_file(&bp).map_err(|e| SfrError::io(&bp, e))?;
+            }
+        } else if bp.is_file() {
+            let d = Defense::load(&bp, model, &dev)?;
+            let t = &d.meta.training;
+            let epoch = t.get("epochs_done").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+            let score = t
+                .get("validation")
+                .and_then(|v| v.as_array())
+                .and_then(|v| v.last())
+                .and_then(|v| v.get("restoration_accuracy"))
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| {
+                    SfrError::param(
+                        "--resume",
+                        format!("{} holds no validation result", bp.display()),
+                    )
+                })?;
+            best = Some((epoch, score, d.frus, d.stats));
+        }
+    }
     let placements = defense.placements();
     let t0 = Instant::now();
     for epoch in start_epoch..cfg.epochs {
@@ -227,6 +353,7 @@ pub fn train(
             ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(7919).wrapping_add(epoch as u64));
         let order = epoch_order(train.samples.len(), cfg.seed, epoch);
         let mut done = 0;
+        let (mut loss_sum, mut batches) = (0.0, 0usize);
         for idx in order.chunks(cfg.batch_size) {
             let samples: Vec<_> = idx.iter().map(|&i| train.samples[i].clone()).collect();
             done += samples.len();
@@ -237,8 +364,17 @@ pub fn train(
                 continue;
             }
             let mut x = b.pixels;
-            if cfg.augment && rng.random::<bool>() {
-                x = x.flip([3]);
+            if cfg.augment || cfg.crop_scale < 1.0 {
+                let flat = x.into_data().try_into_vec::<f32>().map_err(|e| {
+                    SfrError::param("training batch", format!("unreadable pixels: {e:?}"))
+                })?;
+                let per = 3 * size * size;
+                let mut aug = Vec::with_capacity(flat.len());
+                for img in flat.chunks(per) {
+                    let flip = cfg.augment && rng.random::<bool>();
+                    aug.extend(crop_flip(img, size, cfg.crop_scale, flip, &mut rng));
+                }
+                x = Tensor::from_data(TensorData::new(aug, [n, 3, size, size]), &dev);
             }
             // Soft targets of the distillation loss: the undefended network on the clean images.
             let teacher = if cfg.loss == Loss::Distill {
@@ -270,19 +406,8 @@ pub fn train(
                     }
                 }
             };
-            // The second half of the batch is perturbed.
             let half = n / 2;
-            let mut vs = vec![0f32; n * 3 * size * size];
-            for i in half..n {
-                let v = if cfg.synthetic {
-                    synth.draw(&mut rng)
-                } else {
-                    set[rng.random_range(0..set.len())].clone()
-                };
-                vs[i * 3 * size * size..(i + 1) * 3 * size * size].copy_from_slice(&v);
-            }
-            let v = Tensor::from_data(TensorData::new(vs, [n, 3, size, size]), &dev);
-            let xp = perturbation::apply(x, v, cfg.clip);
+            let xp = perturb_second_half(x, cfg, &synth, &set, &mut rng);
             let mut tap = Regenerate {
                 frus: &frus,
                 placements: &placements,
@@ -295,10 +420,23 @@ pub fn train(
                 return Err(SfrError::param("defense", "not every FRU site was visited"));
             }
             let logp = burn::tensor::activation::log_softmax(logits, 1);
-            let loss = match teacher {
-                Some(t) => (logp * t.autodiff()).sum_dim(1).neg().mean(),
-                None => logp.gather(1, label_tensor(&labels, &adev)).neg().mean(),
+            // Per-image losses, the clean half weighted by `clean_weight`.
+            let per_image: Tensor<2> = match teacher {
+                Some(t) => (logp * t.autodiff()).sum_dim(1).neg(),
+                None => logp.gather(1, label_tensor(&labels, &adev)).neg(),
             };
+            let w: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i < half {
+                        cfg.clean_weight as f32
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let total: f32 = w.iter().sum();
+            let w = Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &adev);
+            let loss = (per_image * w).sum().div_scalar(total);
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
                 return Err(SfrError::param(
@@ -308,12 +446,20 @@ pub fn train(
             }
             let grads = loss.backward();
             let gp = GradientsParams::from_grads(grads, &frus);
-            frus = optim.step(cfg.lr, frus, gp);
+            let steps_per_epoch = train.samples.len().div_ceil(cfg.batch_size);
+            let step = epoch * steps_per_epoch + (done - 1) / cfg.batch_size;
+            let lr = cfg
+                .schedule
+                .rate(cfg.lr, step, cfg.epochs * steps_per_epoch);
+            frus = optim.step(lr, frus, gp);
+            loss_sum += loss_value;
+            batches += 1;
             progress(&TrainProgress {
                 epoch: epoch + 1,
                 done,
                 total: train.samples.len(),
                 loss: Some(loss_value),
+                mean_loss: Some(loss_sum / batches as f64),
                 val_restoration: history.last().map(|v| v.restoration_accuracy),
             });
         }
@@ -351,16 +497,125 @@ pub fn train(
             done: train.samples.len(),
             total: train.samples.len(),
             loss: None,
+            mean_loss: (batches > 0).then(|| loss_sum / batches as f64),
             val_restoration: history.last().map(|v| v.restoration_accuracy),
         });
-        if let Some(path) = checkpoint {
+        let improved = cfg.keep_best
+            && v.is_some_and(|v| best.as_ref().is_none_or(|b| v.restoration_accuracy > b.1));
+        if checkpoint.is_some() || improved {
             defense.frus = frus.valid();
-            defense.save(path)?;
+            if improved {
+                if let Some(path) = checkpoint {
+                    defense.save(&best_path(path))?;
+                }
+                best = Some((
+                    epoch + 1,
+                    history.last().map_or(0.0, |v| v.restoration_accuracy),
+                    defense.frus.clone(),
+                    defense.stats.clone(),
+                ));
+            }
+            if let Some(path) = checkpoint {
+                defense.save(path)?;
+            }
             frus = std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
                 .to_device(&adev)
                 .train();
         }
     }
     defense.frus = frus.valid();
+    let mut selected = defense
+        .meta
+        .training
+        .get("epochs_done")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    if let Some((epoch, _, f, st)) = best
+        && epoch != selected
+    {
+        defense.frus = f;
+        defense.stats = st;
+        selected = epoch;
+    }
+    defense.meta.training["selected_epoch"] = json!(selected);
+    defense.meta.training["selection_rule"] = json!(if cfg.keep_best {
+        "best validation restoration accuracy"
+    } else {
+        "last epoch"
+    });
+    if let Some(path) = checkpoint {
+        let bp = best_path(path);
+        if bp.exists() {
+            std::fs::remove_file(&bp).map_err(|e| SfrError::io(&bp, e))?;
+        }
+    }
     Ok(history)
+}
+
+/// The batch with its second half perturbed, each image by a training perturbation (a synthetic
+/// one drawn from the real ones, or with `cfg.synthetic` off a real one at random).
+fn perturb_second_half(
+    x: Tensor<4>,
+    cfg: &TrainConfig,
+    synth: &Synthesizer,
+    set: &[Vec<f32>],
+    rng: &mut ChaCha8Rng,
+) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let per = c * h * w;
+    let mut vs = vec![0f32; n * per];
+    for i in n / 2..n {
+        let v = if cfg.synthetic {
+            synth.draw(rng)
+        } else {
+            set[rng.random_range(0..set.len())].clone()
+        };
+        vs[i * per..(i + 1) * per].copy_from_slice(&v);
+    }
+    let v = Tensor::from_data(TensorData::new(vs, [n, c, h, w]), &x.device());
+    perturbation::apply(x, v, cfg.clip)
+}
+
+/// Where the best epoch's weights are kept next to a checkpoint.
+fn best_path(checkpoint: &Path) -> std::path::PathBuf {
+    let mut p = checkpoint.as_os_str().to_owned();
+    p.push(".best");
+    p.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_runs_from_the_rate_to_zero() {
+        let r = |s| Schedule::Cosine.rate(1e-3, s, 100);
+        assert!((r(0) - 1e-3).abs() < 1e-12);
+        assert!((r(50) - 5e-4).abs() < 1e-12);
+        assert!(r(100).abs() < 1e-12);
+        assert!((1..100).all(|s| r(s) < r(s - 1)), "strictly decreasing");
+        assert_eq!(Schedule::Constant.rate(1e-3, 77, 100), 1e-3);
+    }
+
+    #[test]
+    fn full_crops_copy_or_mirror_and_partial_crops_interpolate() {
+        let size = 8;
+        let img: Vec<f32> = (0..3 * size * size).map(|i| i as f32).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(crop_flip(&img, size, 1.0, false, &mut rng), img);
+        let m = crop_flip(&img, size, 1.0, true, &mut rng);
+        for c in 0..3 {
+            for y in 0..size {
+                for x in 0..size {
+                    let i = c * size * size + y * size;
+                    assert_eq!(m[i + x], img[i + size - 1 - x]);
+                }
+            }
+        }
+        // A crop is a zoom: values stay within the source's range and change.
+        let z = crop_flip(&img, size, 0.3, false, &mut rng);
+        assert_ne!(z, img);
+        let (lo, hi) = (0.0, (3 * size * size - 1) as f32);
+        assert!(z.iter().all(|v| (lo..=hi).contains(v)));
+    }
 }
