@@ -1246,13 +1246,6 @@ fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
         clip: !a.no_clip,
     };
     cfg.validate()?;
-    if a.keep_best && a.val == 0 {
-        return Err(sfr::error::SfrError::param(
-            "--keep-best",
-            "needs validation images (--val > 0) to pick the best epoch",
-        )
-        .into());
-    }
     let model = load_model(&a.model, quiet)?;
     let size = model.spec().input_size;
     let uaps: Vec<Perturbation> = load_perturbations(&a.uaps, None, size)?

@@ -281,6 +281,12 @@ pub fn train(
     progress: &mut dyn FnMut(&TrainProgress),
 ) -> Result<Vec<Validation>> {
     cfg.validate()?;
+    if cfg.keep_best && val.samples.is_empty() {
+        return Err(SfrError::param(
+            "--keep-best",
+            "needs validation images (--val > 0) to pick the best epoch",
+        ));
+    }
     defense.check_backbone(model)?;
     if uaps.is_empty() {
         return Err(SfrError::param(
@@ -347,6 +353,7 @@ pub fn train(
         }
     }
     let placements = defense.placements();
+    let steps_per_epoch = train.samples.len().div_ceil(cfg.batch_size);
     let t0 = Instant::now();
     for epoch in start_epoch..cfg.epochs {
         let mut rng =
@@ -446,7 +453,6 @@ pub fn train(
             }
             let grads = loss.backward();
             let gp = GradientsParams::from_grads(grads, &frus);
-            let steps_per_epoch = train.samples.len().div_ceil(cfg.batch_size);
             let step = epoch * steps_per_epoch + (done - 1) / cfg.batch_size;
             let lr = cfg
                 .schedule
