@@ -186,8 +186,9 @@ struct DefendArgs {
     /// Train on the network's clean predictions instead of labels (unlabelled folders).
     #[arg(long)]
     pseudo_labels: bool,
-    /// Objective: `ce` (the paper's cross-entropy) or `distill` (match the undefended network's
-    /// clean output, for clean and perturbed images; needs no labels).
+    /// Objective: `ce` (the paper's cross-entropy), `distill` (match the undefended network's
+    /// clean softmax) or `logits` (match its clean logits, squared error); the last two for clean
+    /// and perturbed images alike, and need no labels.
     #[arg(long, value_enum, default_value_t = sfr::defense::train::Loss::Ce)]
     loss: sfr::defense::train::Loss,
     /// No random horizontal flips.

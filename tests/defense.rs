@@ -350,3 +350,58 @@ fn gradients_reach_the_input_through_the_defence() {
     assert!(common::max_abs_diff(&plain, &changed) > 1e-3 * scale);
     assert!(changed.iter().any(|v| *v != 0.0));
 }
+
+#[test]
+fn label_free_losses_train_the_units_on_unlabelled_images() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let mut ds = sfr::data::Dataset::open(&data, None).unwrap().limit(8);
+    for s in &mut ds.samples {
+        s.label = None;
+    }
+    let s = model.spec().input_size;
+    let v: Vec<f32> = (0..3 * s * s)
+        .map(|i| if (i / 5) % 2 == 0 { 10.0 } else { -10.0 })
+        .collect();
+    let meta =
+        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
+    let uap = sfr::perturbation::Perturbation::new(s, s, v, meta).unwrap();
+    let x = pixels(&model);
+    let base = values(model.forward_pixels(x.clone(), &mut NoTap));
+    for loss in [
+        sfr::defense::train::Loss::Distill,
+        sfr::defense::train::Loss::Logits,
+    ] {
+        let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+        let cfg = sfr::defense::train::TrainConfig {
+            epochs: 1,
+            batch_size: 4,
+            loss,
+            ..Default::default()
+        };
+        let empty = sfr::data::Dataset::default();
+        let mut losses = Vec::new();
+        sfr::defense::train::train(
+            &model,
+            &mut d,
+            &ds,
+            &empty,
+            std::slice::from_ref(&uap),
+            &cfg,
+            None,
+            &mut |p| losses.extend(p.loss),
+        )
+        .unwrap();
+        assert_eq!(losses.len(), 2, "{loss:?}: two batches of four");
+        assert!(
+            losses.iter().all(|l| l.is_finite() && *l >= 0.0),
+            "{loss:?}: {losses:?}"
+        );
+        let out = values(d.forward_pixels(&model, x.clone()));
+        assert!(
+            common::max_abs_diff(&base, &out) > 1e-5,
+            "{loss:?}: training moved the units off the identity"
+        );
+    }
+}

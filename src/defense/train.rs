@@ -3,7 +3,8 @@
 //! predictions with `pseudo_labels`), on mini-batches that are half clean and half perturbed by
 //! a training perturbation (a real UAP or, by default, a synthetic one drawn from them).
 //!
-//! Beyond the paper, all off by default: the distillation loss ([`Loss::Distill`]), a cosine
+//! Beyond the paper, all off by default: two label-free losses that match the undefended
+//! network's clean output ([`Loss::Distill`], [`Loss::Logits`]), a cosine
 //! learning-rate schedule, random-resized crops, a weight on the clean half, and keeping the epoch
 //! with the best validation restoration accuracy instead of the last.
 
@@ -39,6 +40,9 @@ pub enum Loss {
     /// targets), for the clean image and for its perturbed version: the units learn to give back
     /// the clean network's output, and leave clean images as they were. Needs no labels.
     Distill,
+    /// Mean squared error between the logits and the undefended network's logits on the clean
+    /// image, for the clean image and its perturbed version. Needs no labels.
+    Logits,
 }
 
 /// The learning-rate schedule over the whole run.
@@ -384,11 +388,13 @@ pub fn train(
                 x = Tensor::from_data(TensorData::new(aug, [n, 3, size, size]), &dev);
             }
             // Soft targets of the distillation loss: the undefended network on the clean images.
-            let teacher = if cfg.loss == Loss::Distill {
-                let logits = model.forward_pixels(x.clone(), &mut NoTap);
-                Some(burn::tensor::activation::softmax(logits, 1))
-            } else {
-                None
+            let teacher = match cfg.loss {
+                Loss::Distill => {
+                    let logits = model.forward_pixels(x.clone(), &mut NoTap);
+                    Some(burn::tensor::activation::softmax(logits, 1))
+                }
+                Loss::Logits => Some(model.forward_pixels(x.clone(), &mut NoTap)),
+                Loss::Ce => None,
             };
             let labels: Vec<usize> = if teacher.is_some() {
                 Vec::new()
@@ -426,11 +432,15 @@ pub fn train(
             if tap.visited != placements.len() {
                 return Err(SfrError::param("defense", "not every FRU site was visited"));
             }
-            let logp = burn::tensor::activation::log_softmax(logits, 1);
             // Per-image losses, the clean half weighted by `clean_weight`.
-            let per_image: Tensor<2> = match teacher {
-                Some(t) => (logp * t.autodiff()).sum_dim(1).neg(),
-                None => logp.gather(1, label_tensor(&labels, &adev)).neg(),
+            let per_image: Tensor<2> = match (teacher, cfg.loss) {
+                (Some(t), Loss::Logits) => (logits - t.autodiff()).powi_scalar(2).mean_dim(1),
+                (Some(t), _) => (burn::tensor::activation::log_softmax(logits, 1) * t.autodiff())
+                    .sum_dim(1)
+                    .neg(),
+                (None, _) => burn::tensor::activation::log_softmax(logits, 1)
+                    .gather(1, label_tensor(&labels, &adev))
+                    .neg(),
             };
             let w: Vec<f32> = (0..n)
                 .map(|i| {
