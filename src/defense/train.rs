@@ -387,7 +387,8 @@ pub fn train(
                 }
                 x = Tensor::from_data(TensorData::new(aug, [n, 3, size, size]), &dev);
             }
-            // Soft targets of the distillation loss: the undefended network on the clean images.
+            // Targets of the label-free losses: the undefended network on the clean images (its
+            // softmax for `distill`, its logits for `logits`).
             let teacher = match cfg.loss {
                 Loss::Distill => {
                     let logits = model.forward_pixels(x.clone(), &mut NoTap);
