@@ -32,6 +32,16 @@ fn assert_error(o: &Output, needles: &[&str]) {
     assert!(!e.contains("panicked"), "panic: {e}");
 }
 
+/// A valid 224×224 perturbation file of ones (ℓ∞ 10) at `path`.
+fn flat_perturbation(path: &Path) {
+    let meta =
+        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
+    sfr::perturbation::Perturbation::new(224, 224, vec![1.0; 3 * 224 * 224], meta)
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
 fn dir(name: &str) -> PathBuf {
     let d = common::scratch("cli_errors").join(name);
     let _ = std::fs::remove_dir_all(&d);
@@ -355,12 +365,7 @@ fn suite_and_demo_refuse_bad_input() {
     assert_error(&o, &["nope.safetensors"]);
     // A perturbation file is not a defence.
     let p = d.join("p.safetensors");
-    let meta =
-        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
-    sfr::perturbation::Perturbation::new(224, 224, vec![1.0; 3 * 224 * 224], meta)
-        .unwrap()
-        .save(&p)
-        .unwrap();
+    flat_perturbation(&p);
     let o = sfr(&[
         "suite",
         "--weights",
@@ -398,12 +403,7 @@ fn defend_refuses_impossible_training_parameters() {
     std::fs::write(d.join("labels.csv"), "file,label\na.png,1\nb.png,2\n").unwrap();
     let w = mobilenet();
     let p = d.join("p.safetensors");
-    let meta =
-        sfr::perturbation::PerturbationMeta::new("test", sfr::perturbation::Norm::Linf, 10.0);
-    sfr::perturbation::Perturbation::new(224, 224, vec![1.0; 3 * 224 * 224], meta)
-        .unwrap()
-        .save(&p)
-        .unwrap();
+    flat_perturbation(&p);
     let out = d.join("d.safetensors");
     let run = |extra: &[&str]| {
         let mut args = vec![
