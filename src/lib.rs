@@ -11,6 +11,7 @@ pub mod attack;
 pub mod data;
 pub mod defense;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;

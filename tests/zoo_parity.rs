@@ -67,6 +67,25 @@ fn check(arch: &str, reference: &str) {
         s[2], s[3]
     );
     assert!(d < 1e-3, "{arch}: logits differ from PyTorch by {d}");
+    // Without a tap every unit runs fused (folded batch norm, activation, residual): the
+    // same logits.
+    let fused = model
+        .forward_normalized(
+            Tensor::from_data(
+                TensorData::new(input.data.clone(), [s[0], s[1], s[2], s[3]]),
+                &dev,
+            ),
+            &mut zoo::NoTap,
+        )
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32");
+    let df = common::max_abs_diff(&fused, &logits.data);
+    eprintln!("{arch}: fused max |logits - torch| = {df:.2e}");
+    assert!(
+        df < 1e-3,
+        "{arch}: fused logits differ from PyTorch by {df}"
+    );
     // The tap saw every site, in the order the model declares them, the first ones first.
     let declared: Vec<String> = model.sites().into_iter().map(|s| s.name).collect();
     assert_eq!(

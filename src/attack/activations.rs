@@ -109,6 +109,10 @@ struct Collect<'a> {
 }
 
 impl Tap for Collect<'_> {
+    fn wants(&self, site: &str) -> bool {
+        self.sites.is_empty() || self.sites.iter().any(|s| s == site)
+    }
+
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
         if self.sites.is_empty() || self.sites.iter().any(|s| s == site) {
             let m = match self.objective {

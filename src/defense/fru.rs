@@ -208,6 +208,10 @@ fn index(v: &[usize], device: &Device) -> Tensor<1, Int> {
 }
 
 impl Tap for Regenerate<'_> {
+    fn wants(&self, site: &str) -> bool {
+        self.placements.iter().any(|p| p.site == site)
+    }
+
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
         let Some(i) = self.placements.iter().position(|p| p.site == site) else {
             return x;

@@ -101,6 +101,10 @@ struct Record<'a> {
 }
 
 impl Tap for Record<'_> {
+    fn wants(&self, site: &str) -> bool {
+        self.sites.iter().any(|s| s == site)
+    }
+
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
         if self.sites.iter().any(|s| s == site) {
             self.out.push(x.clone());
@@ -117,6 +121,10 @@ struct Restore<'a> {
 }
 
 impl Tap for Restore<'_> {
+    fn wants(&self, site: &str) -> bool {
+        site == self.site
+    }
+
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
         if site != self.site {
             return x;

@@ -15,7 +15,7 @@
 
 use burn::tensor::Tensor;
 
-use super::layers::{Conv, Linear, Loader, Padding, Tap, flatten, lrn, max_pool, relu};
+use super::layers::{Act, Conv, Linear, Loader, Padding, Tap, flatten, lrn, max_pool};
 use super::{ArchSpec, CAFFE, Network, ResizeMode};
 use crate::error::{Result, SfrError};
 
@@ -121,7 +121,7 @@ impl Network for CaffeNet {
     fn forward(&self, mut x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2> {
         let (size, alpha, beta, k) = self.lrn;
         for (i, c) in self.convs.iter().enumerate() {
-            x = relu(c.forward(x, tap));
+            x = c.forward_act(x, Act::Relu, tap);
             if i < 2 {
                 if self.lrn_first {
                     x = max_pool(lrn(x, size, alpha, beta, k), 3, 2, 0, true);

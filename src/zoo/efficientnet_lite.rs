@@ -241,8 +241,11 @@ impl Network for EfficientNetLite {
                 y = e.forward(y, tap);
             }
             y = b.depthwise.forward(y, tap);
-            y = b.project.forward(y, tap);
-            x = if b.residual { x + y } else { y };
+            x = if b.residual {
+                b.project.forward_plus(y, x, tap)
+            } else {
+                b.project.forward(y, tap)
+            };
         }
         let x = self.head.forward(x, tap);
         self.fc.forward(global_avg_pool(x))

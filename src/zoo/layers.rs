@@ -3,11 +3,14 @@
 //! with shape checks.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, batch_norm, conv2d, max_pool2d};
-use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
+use burn::tensor::module::{adaptive_avg_pool2d, avg_pool2d, max_pool2d};
+use burn::tensor::ops::{AvgPoolOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
+pub use crate::engine::{Act, Padding};
+use crate::engine::{Affine, BnParams, FrozenConv, Join};
 use crate::error::{Result, SfrError};
 use crate::weights::{RawTensor, TensorMap};
 
@@ -17,9 +20,18 @@ use crate::weights::{RawTensor, TensorMap};
 /// and before any batch norm or nonlinearity) in forward order, and continues with what the tap
 /// returns. A tap can pass the tensor through, record it, regenerate channels (SFR's FRUs) or
 /// replace them.
+///
+/// A site the tap does not [want](Tap::wants) is never visited, so the network may fuse it with
+/// what follows (batch norm, activation, residual) into one operation.
 pub trait Tap {
     /// Called with the site's name and its output `[batch, channels, height, width]`.
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4>;
+
+    /// Whether [`Tap::visit`] needs to see `site` (default: every site). Must not change with
+    /// visits: a model asks before running the site.
+    fn wants(&self, _site: &str) -> bool {
+        true
+    }
 }
 
 /// The tap that changes nothing.
@@ -29,35 +41,9 @@ impl Tap for NoTap {
     fn visit(&mut self, _site: &str, x: Tensor<4>) -> Tensor<4> {
         x
     }
-}
 
-/// How a convolution pads its input.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Padding {
-    /// Fixed `(begin, end)` padding for height and width.
-    Explicit([(usize, usize); 2]),
-    /// TensorFlow's "same" padding, computed from the input size (extra pixel at the end).
-    TfSame,
-}
-
-impl Padding {
-    /// Symmetric padding `p` on every side.
-    pub fn same_all(p: usize) -> Self {
-        Padding::Explicit([(p, p), (p, p)])
-    }
-
-    fn pairs(&self, h: usize, w: usize, k: [usize; 2], s: [usize; 2]) -> [(usize, usize); 2] {
-        match *self {
-            Padding::Explicit(p) => p,
-            Padding::TfSame => {
-                let one = |i: usize, k: usize, s: usize| {
-                    let o = i.div_ceil(s);
-                    let total = ((o - 1) * s + k).saturating_sub(i);
-                    (total / 2, total - total / 2)
-                };
-                [one(h, k[0], s[0]), one(w, k[1], s[1])]
-            }
-        }
+    fn wants(&self, _site: &str) -> bool {
+        false
     }
 }
 
@@ -76,6 +62,8 @@ pub struct Conv {
     pub padding: Padding,
     /// Groups (`in` for depthwise).
     pub groups: usize,
+    /// The same convolution as an engine operation (bias, no activation).
+    pub op: Arc<FrozenConv>,
 }
 
 impl Conv {
@@ -97,40 +85,72 @@ impl Conv {
 
     /// The convolution alone, without visiting the tap.
     pub fn raw(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, h, w] = x.dims();
-        let pad = self.padding.pairs(h, w, self.kernel(), self.stride);
-        let options = ConvOptions::new_with_padding(self.stride, pad, [1, 1], self.groups);
-        conv2d(x, self.weight.clone(), self.bias.clone(), options)
+        self.op.forward(x, None)
     }
 
     /// The convolution, then the tap at this site.
     pub fn forward(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<4> {
         let y = self.raw(x);
-        tap.visit(&self.name, y)
+        if tap.wants(&self.name) {
+            tap.visit(&self.name, y)
+        } else {
+            y
+        }
+    }
+
+    /// The convolution, the tap, then `act` (one fused operation where the tap does not want
+    /// the site).
+    pub fn forward_act(&self, x: Tensor<4>, act: Act, tap: &mut dyn Tap) -> Tensor<4> {
+        if tap.wants(&self.name) {
+            let y = tap.visit(&self.name, self.raw(x));
+            return match act {
+                Act::None => y,
+                Act::Relu => relu(y),
+                Act::Relu6 => relu6(y),
+            };
+        }
+        let op = Arc::new(FrozenConv {
+            act,
+            ..(*self.op).clone()
+        });
+        op.forward(x, None)
     }
 }
 
 /// Frozen batch normalisation (inference statistics).
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
-    mean: Tensor<1>,
-    var: Tensor<1>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
     eps: f64,
 }
 
 impl BatchNorm {
+    fn params(&self) -> BnParams<'_> {
+        BnParams {
+            gamma: &self.gamma,
+            beta: &self.beta,
+            mean: &self.mean,
+            var: &self.var,
+            eps: self.eps,
+        }
+    }
+
+    /// The normalisation followed by `act`, as one operation.
+    pub fn with_act(&self, act: Act) -> Affine {
+        let (scale, shift) = self.params().scale_shift();
+        Affine {
+            scale: Arc::new(scale),
+            shift: Arc::new(shift),
+            act,
+        }
+    }
+
     /// Normalise with the running statistics.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        batch_norm(
-            x,
-            self.gamma.clone(),
-            self.beta.clone(),
-            self.mean.clone(),
-            self.var.clone(),
-            self.eps,
-        )
+        Arc::new(self.with_act(Act::None)).forward(x, None)
     }
 }
 
@@ -153,17 +173,6 @@ impl Linear {
     }
 }
 
-/// The nonlinearity after a conv + BN unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    /// None (linear bottlenecks, residual branches before the sum).
-    None,
-    /// ReLU.
-    Relu,
-    /// ReLU6.
-    Relu6,
-}
-
 /// A conv whose output site is followed by batch norm and an activation.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
@@ -173,17 +182,76 @@ pub struct ConvBn {
     pub bn: BatchNorm,
     /// The activation.
     pub act: Act,
+    /// conv + folded batch norm + activation as one operation.
+    fused: Arc<FrozenConv>,
+    /// Batch norm + activation, after a site a tap wants raw.
+    affine: Arc<Affine>,
 }
 
 impl ConvBn {
+    /// Builds the unit and its fused forms.
+    pub fn new(conv: Conv, bn: BatchNorm, act: Act) -> Self {
+        let fused = Arc::new(conv.op.fold(&bn.params(), act));
+        let affine = Arc::new(bn.with_act(act));
+        ConvBn {
+            conv,
+            bn,
+            act,
+            fused,
+            affine,
+        }
+    }
+
+    fn wants(&self, tap: &dyn Tap) -> bool {
+        tap.wants(&self.conv.name)
+    }
+
     /// conv → tap → BN → activation.
     pub fn forward(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<4> {
-        let y = self.bn.forward(self.conv.forward(x, tap));
-        match self.act {
-            Act::None => y,
-            Act::Relu => relu(y),
-            Act::Relu6 => relu6(y),
+        if self.wants(tap) {
+            let y = self.conv.forward(x, tap);
+            self.affine.forward(y, None)
+        } else {
+            self.fused.forward(x, None)
         }
+    }
+
+    /// conv → tap → BN → activation, then `+ skip` (MobileNet's and EfficientNet's inverted
+    /// residual: a linear bottleneck plus the block's input).
+    pub fn forward_plus(&self, x: Tensor<4>, skip: Tensor<4>, tap: &mut dyn Tap) -> Tensor<4> {
+        if self.wants(tap) {
+            self.forward(x, tap) + skip
+        } else {
+            self.fused.forward(x, Some((skip, Join::AfterAct)))
+        }
+    }
+
+    /// conv → tap → BN, `+ skip`, then `then` (ResNet's block end: `relu(bn3(conv3(x)) +
+    /// identity)`); the unit's own activation must be [`Act::None`].
+    pub fn forward_add_then(
+        &self,
+        x: Tensor<4>,
+        skip: Tensor<4>,
+        then: Act,
+        tap: &mut dyn Tap,
+    ) -> Tensor<4> {
+        debug_assert_eq!(self.act, Act::None, "forward_add_then on an activated unit");
+        if self.wants(tap) {
+            let y = self.conv.forward(x, tap);
+            let a = Arc::new(self.bn.with_act(then));
+            a.forward(y, Some(skip))
+        } else {
+            let op = Arc::new(FrozenConv {
+                act: then,
+                ..(*self.fused).clone()
+            });
+            op.forward(x, Some((skip, Join::BeforeAct)))
+        }
+    }
+
+    /// Whether a tap wants this unit's site.
+    pub fn tapped(&self, tap: &dyn Tap) -> bool {
+        self.wants(tap)
     }
 }
 
@@ -318,19 +386,33 @@ impl Loader {
         groups: usize,
         bias: bool,
     ) -> Result<Conv> {
-        let weight = self.tensor(&format!("{prefix}.weight"), [cout, cin / groups, k, k])?;
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), [cout])?)
+        let shape = [cout, cin / groups, k, k];
+        let w = self.raw(&format!("{prefix}.weight"), &shape)?;
+        let b = if bias {
+            Some(self.raw(&format!("{prefix}.bias"), &[cout])?.data)
         } else {
             None
         };
+        let op = Arc::new(FrozenConv {
+            weight: Arc::new(w.data.clone()),
+            bias: Arc::new(b.clone().unwrap_or_else(|| vec![0.0; cout])),
+            cout,
+            cin,
+            kernel: [k, k],
+            stride: [stride, stride],
+            padding,
+            dilation: [1, 1],
+            groups,
+            act: Act::None,
+        });
         Ok(Conv {
             name: prefix.to_string(),
-            weight,
-            bias,
+            weight: Tensor::from_data(TensorData::new(w.data, shape), &self.device),
+            bias: b.map(|b| Tensor::from_data(TensorData::new(b, [cout]), &self.device)),
             stride: [stride, stride],
             padding,
             groups,
+            op,
         })
     }
 
@@ -339,10 +421,10 @@ impl Loader {
     pub fn bn(&mut self, prefix: &str, c: usize, eps: f64) -> Result<BatchNorm> {
         let _ = self.map.remove(&format!("{prefix}.num_batches_tracked"));
         Ok(BatchNorm {
-            gamma: self.tensor(&format!("{prefix}.weight"), [c])?,
-            beta: self.tensor(&format!("{prefix}.bias"), [c])?,
-            mean: self.tensor(&format!("{prefix}.running_mean"), [c])?,
-            var: self.tensor(&format!("{prefix}.running_var"), [c])?,
+            gamma: self.raw(&format!("{prefix}.weight"), &[c])?.data,
+            beta: self.raw(&format!("{prefix}.bias"), &[c])?.data,
+            mean: self.raw(&format!("{prefix}.running_mean"), &[c])?.data,
+            var: self.raw(&format!("{prefix}.running_var"), &[c])?.data,
             eps,
         })
     }
@@ -362,11 +444,11 @@ impl Loader {
         eps: f64,
         act: Act,
     ) -> Result<ConvBn> {
-        Ok(ConvBn {
-            conv: self.conv(conv, cin, cout, k, stride, padding, groups, false)?,
-            bn: self.bn(bn, cout, eps)?,
+        Ok(ConvBn::new(
+            self.conv(conv, cin, cout, k, stride, padding, groups, false)?,
+            self.bn(bn, cout, eps)?,
             act,
-        })
+        ))
     }
 
     /// A linear layer at `prefix` (PyTorch layout `[out, in]`).

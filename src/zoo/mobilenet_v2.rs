@@ -171,11 +171,16 @@ impl Network for MobileNetV2 {
     fn forward(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2> {
         let mut x = self.stem.forward(x, tap);
         for b in &self.blocks {
+            let (last, inner) = b.layers.split_last().expect("a block has layers");
             let mut y = x.clone();
-            for layer in &b.layers {
+            for layer in inner {
                 y = layer.forward(y, tap);
             }
-            x = if b.residual { x + y } else { y };
+            x = if b.residual {
+                last.forward_plus(y, x, tap)
+            } else {
+                last.forward(y, tap)
+            };
         }
         let x = self.head.forward(x, tap);
         self.fc.forward(global_avg_pool(x))

@@ -141,15 +141,28 @@ impl Network for ResNet {
         let x = self.stem.forward(x, tap);
         let mut x = max_pool(x, 3, 2, 1, false);
         for b in &self.blocks {
+            let (last, inner) = b.convs.split_last().expect("a block has convs");
             let mut y = x.clone();
-            for c in &b.convs {
+            for c in inner {
                 y = c.forward(y, tap);
             }
-            let identity = match &b.downsample {
-                Some(d) => d.forward(x, tap),
-                None => x,
-            };
-            x = relu(y + identity);
+            let ds_tapped = b.downsample.as_ref().is_some_and(|d| d.tapped(tap));
+            if last.tapped(tap) || ds_tapped {
+                // Sites in forward order: the last conv, then the downsample.
+                let y = last.forward(y, tap);
+                let identity = match &b.downsample {
+                    Some(d) => d.forward(x, tap),
+                    None => x,
+                };
+                x = relu(y + identity);
+            } else {
+                // Neither site is visited: the sum and ReLU fuse into the last conv.
+                let identity = match &b.downsample {
+                    Some(d) => d.forward(x.clone(), tap),
+                    None => x,
+                };
+                x = last.forward_add_then(y, identity, Act::Relu, tap);
+            }
         }
         self.fc.forward(global_avg_pool(x))
     }

@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 
-use super::layers::{Conv, Linear, Loader, Padding, Tap, adaptive_avg_flat, max_pool, relu};
+use super::layers::{Act, Conv, Linear, Loader, Padding, Tap, adaptive_avg_flat, max_pool};
 use super::{ArchSpec, Network, ResizeMode, TORCHVISION};
 use crate::error::Result;
 
@@ -52,7 +52,7 @@ impl Network for PlainNet {
     fn forward(&self, mut x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2> {
         for layer in &self.features {
             x = match layer {
-                Layer::Conv(c) => relu(c.forward(x, tap)),
+                Layer::Conv(c) => c.forward_act(x, Act::Relu, tap),
                 Layer::Pool { k, s } => max_pool(x, *k, *s, 0, false),
             };
         }
