@@ -8,7 +8,12 @@ use std::time::Instant;
 use burn::tensor::{Distribution, Tensor};
 use sfr::zoo::{self, NoTap};
 
+/// Freed memory is kept for reuse (see `sfr::alloc`).
+#[global_allocator]
+static GLOBAL: sfr::alloc::Allocator = sfr::alloc::ALLOCATOR;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    sfr::alloc::configure();
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
         return Err("usage: grad_bench MODEL WEIGHTS [BATCH] [ITERS]".into());

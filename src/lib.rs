@@ -7,6 +7,7 @@
 //! Data flows one way: images → [`data`] → [`zoo`] (a classifier with taps at its conv outputs)
 //! → attacks → defence → [`eval`] → report.
 
+pub mod alloc;
 pub mod attack;
 pub mod data;
 pub mod defense;

@@ -19,6 +19,10 @@ use sfr::fetch;
 use sfr::perturbation::{Fit, ImportOptions, Layout, Norm, Perturbation};
 use sfr::zoo::{self, Model, NoTap};
 
+/// Freed memory is kept for reuse (see `sfr::alloc`).
+#[global_allocator]
+static GLOBAL: sfr::alloc::Allocator = sfr::alloc::ALLOCATOR;
+
 #[derive(Parser)]
 #[command(
     name = "sfr",
@@ -565,6 +569,7 @@ struct ClassifyArgs {
 }
 
 fn main() {
+    sfr::alloc::configure();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

@@ -6,10 +6,15 @@
 //! original order (an index gather, as the release's frozen permutation convs do).
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{batch_norm, batch_norm_train, conv2d};
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::module::batch_norm;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 
+use std::sync::Arc;
+
+use crate::engine::{
+    Act, Affine, BnParams, batch_norm_train_relu, conv2d_trainable, gather_channels,
+    replace_channels,
+};
 use crate::zoo::Tap;
 
 const BN_EPS: f64 = 1e-5;
@@ -98,9 +103,7 @@ impl Fru {
         vars: &mut [Vec<f32>; 3],
         training: bool,
     ) -> Tensor<4> {
-        let conv = |x: Tensor<4>, w: Tensor<4>, pad: usize| {
-            conv2d(x, w, None, ConvOptions::new([1, 1], [pad, pad], [1, 1], 1))
-        };
+        let conv = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_trainable(x, w, 1, pad, 1);
         let layers = [
             (self.w1.val(), self.g1.val(), self.b1.val(), 0),
             (self.w2.val(), self.g2.val(), self.b2.val(), 1),
@@ -109,35 +112,42 @@ impl Fru {
         let mut h = x.clone();
         for (i, (w, g, b, pad)) in layers.into_iter().enumerate() {
             let y = conv(h, w, pad);
-            let y = if training {
-                let out = batch_norm_train(y, g, b, BN_EPS);
-                let m = out
-                    .mean
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .unwrap_or_default();
-                let v = out
-                    .variance
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .unwrap_or_default();
-                if m.len() == stats[i].len() && v.len() == vars[i].len() {
-                    for (r, bm) in stats[i].iter_mut().zip(&m) {
+            h = if training {
+                let out = batch_norm_train_relu(y, g, b, BN_EPS);
+                if out.mean.len() == stats[i].len() && out.variance.len() == vars[i].len() {
+                    for (r, bm) in stats[i].iter_mut().zip(&out.mean) {
                         *r = (1.0 - BN_MOMENTUM) * *r + BN_MOMENTUM * bm;
                     }
-                    for (r, bv) in vars[i].iter_mut().zip(&v) {
+                    for (r, bv) in vars[i].iter_mut().zip(&out.variance) {
                         *r = (1.0 - BN_MOMENTUM) * *r + BN_MOMENTUM * bv;
                     }
                 }
                 out.output
+            } else if !g.is_require_grad() && !b.is_require_grad() {
+                // Frozen unit (evaluation, attacks through the defence): BN + ReLU as one op.
+                let values = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap_or_default();
+                let (gv, bv) = (values(g), values(b));
+                let bn = BnParams {
+                    gamma: &gv,
+                    beta: &bv,
+                    mean: &stats[i],
+                    var: &vars[i],
+                    eps: BN_EPS,
+                };
+                let (scale, shift) = bn.scale_shift();
+                let affine = Affine {
+                    scale: Arc::new(scale),
+                    shift: Arc::new(shift),
+                    act: Act::Relu,
+                };
+                Arc::new(affine).forward(y, None)
             } else {
                 let dev = y.device();
                 let c = stats[i].len();
                 let mean = Tensor::from_data(TensorData::new(stats[i].clone(), [c]), &dev);
                 let var = Tensor::from_data(TensorData::new(vars[i].clone(), [c]), &dev);
-                batch_norm(y, g, b, mean, var, BN_EPS)
+                burn::tensor::activation::relu(batch_norm(y, g, b, mean, var, BN_EPS))
             };
-            h = burn::tensor::activation::relu(y);
         }
         x + conv(h, self.w4.val(), 0)
     }
@@ -202,11 +212,6 @@ pub struct Regenerate<'a> {
     pub visited: usize,
 }
 
-fn index(v: &[usize], device: &Device) -> Tensor<1, Int> {
-    let d: Vec<i64> = v.iter().map(|&i| i as i64).collect();
-    Tensor::from_data(TensorData::new(d, [v.len()]), device)
-}
-
 impl Tap for Regenerate<'_> {
     fn wants(&self, site: &str) -> bool {
         self.placements.iter().any(|p| p.site == site)
@@ -217,14 +222,13 @@ impl Tap for Regenerate<'_> {
             return x;
         };
         let p = &self.placements[i];
-        let dev = self.frus.units[i].w1.val().device();
         let x = if self.training { x.autodiff() } else { x };
-        let top = x.clone().select(1, index(&p.regen, &dev));
-        let rest = x.select(1, index(&p.rest(), &dev));
+        let regen = Arc::new(p.regen.clone());
+        let top = gather_channels(x.clone(), &regen);
         let (m, v) = (&mut self.stats.mean[i], &mut self.stats.var[i]);
         let y = self.frus.units[i].forward(top, m, v, self.training);
         self.visited += 1;
-        Tensor::cat(vec![y, rest], 1).select(1, index(&p.inverse(), &dev))
+        replace_channels(x, y, &regen)
     }
 }
 

@@ -280,17 +280,23 @@ fn im2col(g: &ConvGeom, x: &[f32], gi: usize, chunk: &Chunk, col: &mut [f32]) {
                         let run = &mut dst[j..j + (ox1 - ox0)];
                         let iy =
                             (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pad[0] as isize;
-                        if iy < 0 || iy as usize >= g.h || lo >= hi {
+                        let a = ox0.max(lo).min(ox1);
+                        let b = ox1.min(hi).max(a);
+                        if iy < 0 || iy as usize >= g.h || a >= b {
                             run.fill(0.0);
                         } else {
                             let row = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                            for (t, d) in run.iter_mut().enumerate() {
-                                let ox = ox0 + t;
-                                *d = if ox >= lo && ox < hi {
-                                    row[(ox as isize * s + off_x) as usize]
-                                } else {
-                                    0.0
-                                };
+                            run[..a - ox0].fill(0.0);
+                            run[b - ox0..].fill(0.0);
+                            let from = (a as isize * s + off_x) as usize;
+                            let mid = &mut run[a - ox0..b - ox0];
+                            if s == 1 {
+                                mid.copy_from_slice(&row[from..from + (b - a)]);
+                            } else {
+                                let s = s as usize;
+                                for (t, d) in mid.iter_mut().enumerate() {
+                                    *d = row[from + t * s];
+                                }
                             }
                         }
                         j += ox1 - ox0;

@@ -154,6 +154,51 @@ pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
+/// Elements summed in f32 before the running total (in f64) takes them: vectorised, and
+/// accurate to f64's order over whole planes.
+const BLOCK: usize = 256;
+
+/// `Σ x` (f64 total of f32 blocks).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn sum(x: &[f32]) -> f64 {
+    x.chunks(BLOCK).map(|b| b.iter().sum::<f32>() as f64).sum()
+}
+
+/// `Σ (x − m)²`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn sum_sq_dev(x: &[f32], m: f32) -> f64 {
+    x.chunks(BLOCK)
+        .map(|b| b.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() as f64)
+        .sum()
+}
+
+/// `(Σ g', Σ g'·(x − m))` with `g' = g` where `y > 0`, else 0 (ReLU's mask read off its output).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn relu_grad_sums(g: &[f32], y: &[f32], x: &[f32], m: f32) -> (f64, f64) {
+    let (mut a, mut b) = (0.0f64, 0.0f64);
+    for ((g, y), x) in g.chunks(BLOCK).zip(y.chunks(BLOCK)).zip(x.chunks(BLOCK)) {
+        let (mut sa, mut sb) = (0.0f32, 0.0f32);
+        for ((&g, &y), &x) in g.iter().zip(y).zip(x) {
+            let g = if y > 0.0 { g } else { 0.0 };
+            sa += g;
+            sb = g.mul_add(x - m, sb);
+        }
+        a += sa as f64;
+        b += sb as f64;
+    }
+    (a, b)
+}
+
+/// `dx = k·g' + c1·x + c0` with `g'` as in [`relu_grad_sums`].
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn relu_affine_grad(dx: &mut [f32], g: &[f32], y: &[f32], x: &[f32], k: f32, c1: f32, c0: f32) {
+    let n = dx.len();
+    for (((d, &g), &y), &x) in dx.iter_mut().zip(&g[..n]).zip(&y[..n]).zip(&x[..n]) {
+        let g = if y > 0.0 { g } else { 0.0 };
+        *d = k.mul_add(g, c1.mul_add(x, c0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

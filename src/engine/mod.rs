@@ -30,7 +30,10 @@ use std::sync::Arc;
 
 pub use conv::ConvGeom;
 pub use elementwise::{Act, Join};
-pub use ops::{Affine, conv2d_trainable};
+pub use ops::{
+    Affine, BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels,
+    replace_channels,
+};
 
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
