@@ -1,67 +1,104 @@
 #!/usr/bin/env bash
-# Throughput and peak memory of sfr against PyTorch (Debian's CPU build) on the same workloads,
-# on this machine, in one run. Usage: bench/run.sh [N_IMAGES]   (default 256)
-# Needs ../shared (or SFR_SHARED), /usr/bin/python3 with torch + torchvision, and pip for fetch.
+# Throughput, CPU utilisation and peak memory of sfr against PyTorch (Debian's CPU build) on the
+# same workloads, on this machine, in one run. Usage: bench/run.sh [N_IMAGES]   (default 256)
+#
+# PyTorch runs each workload in both of its memory layouts (NCHW and channels_last) with every
+# core (torch.set_num_threads(nproc)) and frozen parameters; the faster layout is the one compared.
+# CPU utilisation is (user + sys) / wall of the whole process, in cores; peak memory is its
+# maximum resident set. Needs ../shared (or SFR_SHARED), /usr/bin/python3 with torch +
+# torchvision, and pip for `sfr fetch` and the efficientnet-lite-pytorch reference code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-256}
 SHARED=${SFR_SHARED:-../shared}
 DATA="$SHARED/data/nips17"
+TRAIN="$SHARED/data/imagenet-sample"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 cargo build --release --quiet --bin sfr --example grad_bench
 BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 SFR="$BIN/sfr"
-MNV2=$("$SFR" fetch mobilenet_v2 --json -q | python3 -c 'import json,sys; print(json.load(sys.stdin)["fetched"][0]["path"])')
+fetched() { "$SFR" fetch "$1" --json -q | python3 -c 'import json,sys; print(json.load(sys.stdin)["fetched"][0]["path"])'; }
+MNV2=$(fetched mobilenet_v2)
+LITE0=$(fetched efficientnet_lite0)
 /usr/bin/python3 tools/zoo_reference.py --out "$TMP" --arch resnet50 --no-f64 --cache "$TMP/cache" >/dev/null
+R50="$TMP/resnet50.safetensors"
+PY=(/usr/bin/python3 tools/torch_bench.py)
 
-# run LABEL CMD...: time a command, print its JSON images/s and peak RSS.
-run() {
+# measure LABEL CMD...: run CMD under /usr/bin/time; sets IPS (images/s from the JSON on its last
+# line, or the job's seconds for whole jobs), CORES and MIB, and prints one line.
+measure() {
   local label=$1; shift
-  local out
-  out=$(/usr/bin/time -f '%M' -o "$TMP/rss" "$@")
-  local ips
-  ips=$(printf '%s' "$out" | tail -n 1 | python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)["images_per_second"])')
-  printf '%-34s %8s images/s  peak RSS %6d MiB\n' "$label" "$ips" $(( $(cat "$TMP/rss") / 1024 ))
-  echo "$ips" > "$TMP/last"
+  /usr/bin/time -f '%e %U %S %M' -o "$TMP/time" "$@" > "$TMP/out"
+  read -r wall user sys rss < "$TMP/time"
+  IPS=$(tail -n 1 "$TMP/out" | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["images_per_second"])')
+  CORES=$(python3 -c "print('%.2f' % (($user + $sys) / max($wall, 1e-9)))")
+  MIB=$(( rss / 1024 ))
+  printf '  %-44s %8s images/s  %5s cores  %6d MiB peak\n' "$label" "$IPS" "$CORES" "$MIB"
 }
-ratio() { python3 -c "print('  ratio sfr/pytorch: %.2f' % ($1 / $2))"; }
 
-echo "machine: $(nproc) cores; $N nips17 images; batch 32"
-run "sfr eval mobilenet_v2" "$SFR" eval -q --model mobilenet_v2 --weights "$MNV2" --data "$DATA" --limit "$N" --json; a=$(cat "$TMP/last")
-run "pytorch eval mobilenet_v2" /usr/bin/python3 tools/torch_bench.py eval --model mobilenet_v2 --weights "$MNV2" --data "$DATA" --limit "$N"; b=$(cat "$TMP/last")
-ratio "$a" "$b"
-run "sfr eval resnet50" "$SFR" eval -q --model resnet50 --weights "$TMP/resnet50.safetensors" --data "$DATA" --limit "$N" --json; a=$(cat "$TMP/last")
-run "pytorch eval resnet50" /usr/bin/python3 tools/torch_bench.py eval --model resnet50 --data "$DATA" --limit "$N"; b=$(cat "$TMP/last")
-ratio "$a" "$b"
-run "sfr input-gradient mobilenet_v2" "$BIN/examples/grad_bench" mobilenet_v2 "$MNV2" 32 5; a=$(cat "$TMP/last")
-run "pytorch input-gradient mobilenet_v2" /usr/bin/python3 tools/torch_bench.py grad --model mobilenet_v2 --weights "$MNV2"; b=$(cat "$TMP/last")
-ratio "$a" "$b"
+# compare LABEL SFR_CMD -- TORCH_ARGS...: sfr's run, PyTorch's two layouts, the ratio to the faster.
+compare() {
+  local label=$1; shift
+  local sfr=()
+  while [ "$1" != "--" ]; do sfr+=("$1"); shift; done
+  shift
+  echo "$label"
+  measure "sfr" "${sfr[@]}"; local a=$IPS a_mib=$MIB
+  measure "pytorch nchw" "${PY[@]}" "$@" --memory-format nchw; local b=$IPS b_mib=$MIB
+  measure "pytorch channels_last" "${PY[@]}" "$@" --memory-format channels_last; local c=$IPS c_mib=$MIB
+  python3 -c "
+b, c = $b, $c
+best, mib = (b, $b_mib) if b >= c else (c, $c_mib)
+print('  ratio sfr/pytorch (faster layout, %s): %.2f   peak memory sfr/pytorch: %.2f' % ('nchw' if b >= c else 'channels_last', $a / best, $a_mib / mib))"
+}
 
-# FRU training (issue 4): one epoch over the first 128 imagenet-sample images, batch 16.
-TRAIN="$SHARED/data/imagenet-sample"
+echo "machine: $(nproc) cores, $(python3 -c 'import os; print(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30)') GiB; $N nips17 images for eval; batch 32 (FRU training 16)"
+
+compare "eval mobilenet_v2 (decode, resize, forward, top-5; $N images)" \
+  "$SFR" eval -q --model mobilenet_v2 --weights "$MNV2" --data "$DATA" --limit "$N" --json \
+  -- eval --model mobilenet_v2 --weights "$MNV2" --data "$DATA" --limit "$N"
+compare "eval resnet50" \
+  "$SFR" eval -q --model resnet50 --weights "$R50" --data "$DATA" --limit "$N" --json \
+  -- eval --model resnet50 --data "$DATA" --limit "$N"
+
+for m in mobilenet_v2 efficientnet_lite0 resnet50; do
+  case $m in mobilenet_v2) w=$MNV2; tw=(--weights "$MNV2");; efficientnet_lite0) w=$LITE0; tw=(--weights "$LITE0");; resnet50) w=$R50; tw=();; esac
+  compare "input gradient of a shared perturbation, $m (SGD-UAP's step; 5 passes of 32)" \
+    "$BIN/examples/grad_bench" "$m" "$w" 32 5 \
+    -- grad --model "$m" "${tw[@]}" --iters 5
+done
+
+# FRU training: one epoch over the first 256 imagenet-sample images, batch 16, six FRUs.
 "$SFR" attack random -q --data "$TRAIN" --limit 8 --holdout 4 --out "$TMP/v.safetensors" >/dev/null
-cat > "$TMP/defend.sh" <<EOS
-"$SFR" defend -q --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 128 --val 0 \\
-  --epochs 1 --no-synthetic --no-augment --uap "$TMP/v.safetensors" --out "$TMP/d.safetensors" --json |
+for m in mobilenet_v2 efficientnet_lite0; do
+  case $m in mobilenet_v2) w=$MNV2;; efficientnet_lite0) w=$LITE0;; esac
+  cat > "$TMP/defend-$m.sh" <<EOS
+"$SFR" defend -q --model $m --weights "$w" --data "$TRAIN" --limit 256 --val 0 \\
+  --epochs 1 --no-synthetic --no-augment --uap "$TMP/v.safetensors" --out "$TMP/d-$m.safetensors" --json |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"images_per_second": d["training"]["train_images"] / d["training"]["seconds"]}))'
 EOS
-run "sfr FRU training mobilenet_v2" bash "$TMP/defend.sh"; a=$(cat "$TMP/last")
-run "pytorch FRU training mobilenet_v2" /usr/bin/python3 tools/torch_bench.py defend --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 128 --batch-size 16; b=$(cat "$TMP/last")
-ratio "$a" "$b"
+  compare "FRU training epoch, $m (256 imagenet-sample images, decode included)" \
+    bash "$TMP/defend-$m.sh" \
+    -- defend --model "$m" --weights "$w" --data "$TRAIN" --limit 256 --batch-size 16
+done
 
-# SGD-UAP to 80 % held-out fooling (issue 3): 1000 imagenet-sample images, 100 held out, ℓ∞ 10,
+# SGD-UAP to 80 % held-out fooling, whole job: 1000 imagenet-sample images, 100 held out, l-inf 10,
 # batch 32; the held-out fooling rate is measured after each epoch in both.
-"$SFR" attack sgd -q --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --holdout 100 \
-  --target-fooling-rate 0.8 --epochs 20 --out "$TMP/sgd.safetensors" --json > "$TMP/sgd.json"
-python3 - "$TMP/sgd.json" <<'EOP'
-import json, sys
-d = json.load(open(sys.argv[1]))
-print("%-34s %8.0f s to held-out fooling %.3f (%s epochs)" % ("sfr attack sgd to 80 %", d["seconds"], d["fooling_rate"], d["params"]["epochs_run"]))
-EOP
-/usr/bin/python3 tools/torch_bench.py sgd --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 1000 --holdout 100 --target 0.8 > "$TMP/tsgd.json"
-python3 - "$TMP/tsgd.json" <<'EOP'
-import json, sys
-d = json.load(open(sys.argv[1]))
-print("%-34s %8.0f s to held-out fooling %.3f (%d epochs)" % ("pytorch SGD-UAP to 80 %", d["seconds"], d["holdout_fooling_rate"][-1], d["epochs"]))
-EOP
+cat > "$TMP/sgd.sh" <<EOS
+"$SFR" attack sgd -q --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --holdout 100 \\
+  --target-fooling-rate 0.8 --epochs 20 --out "$TMP/sgd.safetensors" --json |
+  python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"images_per_second": 900 * d["params"]["epochs_run"] / d["seconds"], "seconds": d["seconds"], "fooling_rate": d["fooling_rate"], "epochs": d["params"]["epochs_run"]}))'
+EOS
+echo "SGD-UAP to 80 % held-out fooling, mobilenet_v2 (whole job; images/s = training images x epochs / seconds)"
+secs() { tail -n 1 "$TMP/out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'; }
+measure "sfr" bash "$TMP/sgd.sh"; a=$(secs); a_mib=$MIB
+tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%s epochs)" % (d["seconds"], d["fooling_rate"], d["epochs"]))'
+best=1e18; best_mib=1; best_f=
+for f in nchw channels_last; do
+  measure "pytorch $f" "${PY[@]}" sgd --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 1000 --holdout 100 --target 0.8 --memory-format "$f"
+  tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%d epochs)" % (d["seconds"], d["holdout_fooling_rate"][-1], d["epochs"]))'
+  t=$(secs)
+  if python3 -c "import sys; sys.exit(0 if $t < $best else 1)"; then best=$t; best_mib=$MIB; best_f=$f; fi
+done
+python3 -c "print('  ratio sfr/pytorch (time to 80 %%, PyTorch %s): %.2f   peak memory sfr/pytorch: %.2f' % ('$best_f', $best / $a, $a_mib / $best_mib))"

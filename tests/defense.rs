@@ -335,8 +335,30 @@ fn gradients_reach_the_input_through_the_defence() {
             .try_into_vec::<f32>()
             .unwrap()
     };
-    let plain = grad(&sfr::attack::Target::plain(&model));
     let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    // The bare network with the defended sites computed unfused, as the defence computes them
+    // (fusing batch norm into the conv rounds differently, which is not what is tested here).
+    struct Unfused(Vec<String>);
+    impl sfr::zoo::Tap for Unfused {
+        fn visit(&mut self, _site: &str, x: Tensor<4>) -> Tensor<4> {
+            x
+        }
+        fn wants(&self, site: &str) -> bool {
+            self.0.iter().any(|s| s == site)
+        }
+    }
+    let sites: Vec<String> = d.placements().into_iter().map(|p| p.site).collect();
+    let plain = {
+        let xa = x.clone().autodiff().require_grad();
+        let logits = model.forward_pixels(xa.clone(), &mut Unfused(sites));
+        let loss = logits.clone().sum_dim(1).mean() + logits.max_dim(1).mean();
+        let g = loss.backward();
+        xa.grad(&g)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
     let through = grad(&sfr::attack::Target::defended(&model, &d).unwrap());
     let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0);

