@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t0 = Instant::now();
         let d: Tensor<4> = Tensor::zeros([1, 3, s, s], &adev).require_grad();
         let logits = model.forward_pixels(
-            (x.clone().autodiff() + d.clone()).clamp(0.0, 255.0),
+            sfr::perturbation::apply(x.clone().autodiff(), d.clone(), true),
             &mut NoTap,
         );
         let labels = logits.clone().detach().argmax(1);

@@ -154,6 +154,33 @@ pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
+/// `y = x + v`, clipped to [0, 255] when `clip`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn add_clip(y: &mut [f32], x: &[f32], v: &[f32], clip: bool) {
+    let n = y.len();
+    for ((o, &a), &b) in y.iter_mut().zip(&x[..n]).zip(&v[..n]) {
+        let s = a + b;
+        *o = if clip && !s.is_nan() {
+            s.clamp(0.0, 255.0)
+        } else {
+            s
+        };
+    }
+}
+
+/// Zeroes `g` where `x + v` lies outside [0, 255] (the bounds themselves pass, as in PyTorch's
+/// and burn's `clamp`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn clip_mask(g: &mut [f32], x: &[f32], v: &[f32]) {
+    let n = g.len();
+    for ((g, &a), &b) in g.iter_mut().zip(&x[..n]).zip(&v[..n]) {
+        let s = a + b;
+        if !(0.0..=255.0).contains(&s) {
+            *g = 0.0;
+        }
+    }
+}
+
 /// Elements summed in f32 before the running total (in f64) takes them: vectorised, and
 /// accurate to f64's order over whole planes.
 const BLOCK: usize = 256;

@@ -31,7 +31,7 @@ use std::sync::Arc;
 pub use conv::ConvGeom;
 pub use elementwise::{Act, Join};
 pub use ops::{
-    Affine, BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels,
+    Affine, BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels, perturb,
     replace_channels,
 };
 

@@ -487,8 +487,7 @@ pub fn import_file(path: &Path, opts: &ImportOptions) -> Result<Perturbation> {
 
 /// Add a perturbation to pixels `[n, 3, h, w]` (0–255) and clip to [0, 255] when `clip`.
 pub fn apply(pixels: Tensor<4>, v: Tensor<4>, clip: bool) -> Tensor<4> {
-    let x = pixels + v;
-    if clip { x.clamp(0.0, 255.0) } else { x }
+    crate::engine::perturb(pixels, v, clip)
 }
 
 /// Project `delta` onto the ℓ∞ or ℓ2 ball of radius `eps`.

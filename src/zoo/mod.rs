@@ -16,11 +16,14 @@ pub mod vgg;
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 pub use layers::{Conv, NoTap, Tap};
 
+use crate::engine::{Act, Affine};
 use crate::error::{Result, SfrError};
 use crate::weights::{self, TensorMap};
 
@@ -143,8 +146,8 @@ pub trait Network: Send + Sync {
 pub struct Model {
     spec: ArchSpec,
     net: Box<dyn Network>,
-    mean: Tensor<4>,
-    inv_std: Tensor<4>,
+    /// `(x − mean) / std` per channel as one engine operation.
+    normalizer: Arc<Affine>,
     device: Device,
 }
 
@@ -161,7 +164,7 @@ impl Model {
 
     /// Normalise RGB pixels on the 0–255 scale `[batch, 3, h, w]` as the network expects.
     pub fn normalize(&self, pixels: Tensor<4>) -> Tensor<4> {
-        let x = (pixels - self.mean.clone()) * self.inv_std.clone();
+        let x = self.normalizer.forward(pixels, None);
         match self.spec.preprocess.order {
             ChannelOrder::Rgb => x,
             ChannelOrder::Bgr => x.flip([1]),
@@ -309,14 +312,17 @@ pub fn build(name: &str, tensors: TensorMap, device: &Device) -> Result<Model> {
     let net = (entry.build)(name, &mut loader)?;
     loader.finish()?;
     let p = spec.preprocess;
-    let mean = Tensor::from_data(TensorData::new(p.mean_rgb.to_vec(), [1, 3, 1, 1]), device);
-    let inv: Vec<f32> = p.std_rgb.iter().map(|s| 1.0 / s).collect();
-    let inv_std = Tensor::from_data(TensorData::new(inv, [1, 3, 1, 1]), device);
+    let scale: Vec<f32> = p.std_rgb.iter().map(|s| 1.0 / s).collect();
+    let shift: Vec<f32> = p.mean_rgb.iter().zip(&scale).map(|(m, s)| -m * s).collect();
+    let normalizer = Arc::new(Affine {
+        scale: Arc::new(scale),
+        shift: Arc::new(shift),
+        act: Act::None,
+    });
     Ok(Model {
         spec,
         net,
-        mean,
-        inv_std,
+        normalizer,
         device: device.clone(),
     })
 }
