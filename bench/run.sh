@@ -64,9 +64,9 @@ compare "eval resnet50" \
 
 for m in mobilenet_v2 efficientnet_lite0 resnet50; do
   case $m in mobilenet_v2) w=$MNV2; tw=(--weights "$MNV2");; efficientnet_lite0) w=$LITE0; tw=(--weights "$LITE0");; resnet50) w=$R50; tw=();; esac
-  compare "input gradient of a shared perturbation, $m (SGD-UAP's step; 5 passes of 32)" \
-    "$BIN/examples/grad_bench" "$m" "$w" 32 5 \
-    -- grad --model "$m" "${tw[@]}" --iters 5
+  compare "input gradient of a shared perturbation, $m (SGD-UAP's step; 10 passes of 32 after one warm-up)" \
+    "$BIN/examples/grad_bench" "$m" "$w" 32 10 \
+    -- grad --model "$m" "${tw[@]}" --iters 10
 done
 
 # FRU training: one epoch over the first 256 imagenet-sample images, batch 16, six FRUs.
@@ -84,21 +84,36 @@ EOS
 done
 
 # SGD-UAP to 80 % held-out fooling, whole job: 1000 imagenet-sample images, 100 held out, l-inf 10,
-# batch 32; the held-out fooling rate is measured after each epoch in both.
-cat > "$TMP/sgd.sh" <<EOS
-"$SFR" attack sgd -q --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --holdout 100 \\
+# batch 32; the held-out fooling rate is measured after each epoch in both. How many epochs it
+# takes depends on the held-out split and the data order (each side draws its own), so each side
+# runs seeds 0, 1, 2 and the medians of the times are compared.
+echo "SGD-UAP to 80 % held-out fooling, mobilenet_v2 (whole job, seeds 0 1 2; median time)"
+secs() { tail -n 1 "$TMP/out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'; }
+median() { python3 -c "import statistics,sys; print(statistics.median(float(v) for v in sys.argv[1:]))" "$@"; }
+ts=(); peak=0
+for seed in 0 1 2; do
+  cat > "$TMP/sgd.sh" <<EOS
+"$SFR" attack sgd -q --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --holdout 100 --seed $seed \\
   --target-fooling-rate 0.8 --epochs 20 --out "$TMP/sgd.safetensors" --json |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"images_per_second": 900 * d["params"]["epochs_run"] / d["seconds"], "seconds": d["seconds"], "fooling_rate": d["fooling_rate"], "epochs": d["params"]["epochs_run"]}))'
 EOS
-echo "SGD-UAP to 80 % held-out fooling, mobilenet_v2 (whole job; images/s = training images x epochs / seconds)"
-secs() { tail -n 1 "$TMP/out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["seconds"])'; }
-measure "sfr" bash "$TMP/sgd.sh"; a=$(secs); a_mib=$MIB
-tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%s epochs)" % (d["seconds"], d["fooling_rate"], d["epochs"]))'
-best=1e18; best_mib=1; best_f=
+  measure "sfr seed $seed" bash "$TMP/sgd.sh"; ts+=("$(secs)"); [ "$MIB" -gt "$peak" ] && peak=$MIB
+  tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%s epochs)" % (d["seconds"], d["fooling_rate"], d["epochs"]))'
+done
+a=$(median "${ts[@]}"); a_mib=$peak
+# PyTorch: both layouts at seed 0, then the faster one at seeds 1 and 2.
+best=1e18; best_f=
 for f in nchw channels_last; do
-  measure "pytorch $f" "${PY[@]}" sgd --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 1000 --holdout 100 --target 0.8 --memory-format "$f"
+  measure "pytorch $f seed 0" "${PY[@]}" sgd --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 1000 --holdout 100 --target 0.8 --memory-format "$f" --seed 0
   tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%d epochs)" % (d["seconds"], d["holdout_fooling_rate"][-1], d["epochs"]))'
   t=$(secs)
-  if python3 -c "import sys; sys.exit(0 if $t < $best else 1)"; then best=$t; best_mib=$MIB; best_f=$f; fi
+  if python3 -c "import sys; sys.exit(0 if $t < $best else 1)"; then best=$t; best_f=$f; best_mib=$MIB; fi
 done
-python3 -c "print('  ratio sfr/pytorch (time to 80 %%, PyTorch %s): %.2f   peak memory sfr/pytorch: %.2f' % ('$best_f', $best / $a, $a_mib / $best_mib))"
+ts=("$best")
+for seed in 1 2; do
+  measure "pytorch $best_f seed $seed" "${PY[@]}" sgd --model mobilenet_v2 --weights "$MNV2" --data "$TRAIN" --limit 1000 --holdout 100 --target 0.8 --memory-format "$best_f" --seed "$seed"
+  tail -n 1 "$TMP/out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("    %.0f s to %.3f held-out fooling (%d epochs)" % (d["seconds"], d["holdout_fooling_rate"][-1], d["epochs"]))'
+  ts+=("$(secs)"); [ "$MIB" -gt "$best_mib" ] && best_mib=$MIB
+done
+b=$(median "${ts[@]}")
+python3 -c "print('  median time to 80 %%: sfr %.0f s, PyTorch (%s) %.0f s; ratio sfr/pytorch %.2f   peak memory sfr/pytorch: %.2f' % ($a, '$best_f', $b, $b / $a, $a_mib / $best_mib))"

@@ -5,7 +5,7 @@
         [--limit N] [--batch-size 32] [--threads 2]
         decode (PIL) + Resize(256) + CenterCrop(224) + normalise + forward + top-5, like `sfr eval`.
     /usr/bin/python3 tools/torch_bench.py grad --model mobilenet_v2 [--weights FILE] [--batch-size 32]
-        [--iters 5]: input-gradient passes of a shared perturbation (the inner step of SGD-UAP).
+        [--iters 10]: input-gradient passes of a shared perturbation (the inner step of SGD-UAP).
 
     /usr/bin/python3 tools/torch_bench.py defend --model mobilenet_v2 [--weights FILE] --data DIR
         [--limit N] [--batch-size 16]: one epoch of FRU training as `sfr defend --no-synthetic
@@ -16,7 +16,8 @@
     /usr/bin/python3 tools/torch_bench.py sgd --model mobilenet_v2 [--weights FILE] --data DIR
         [--limit N] [--batch-size 32] [--holdout 100] [--target 0.8]: SGD-UAP as `sfr attack sgd`
         runs it (l-inf 10; loss min(CE(f(x+d), clean prediction), 10) averaged over the batch;
-        sign step 0.1*10 decaying x0.8 per epoch; clip to [0, 255]; images decoded every epoch),
+        sign step 0.1*10 decaying x0.8 per epoch; clip to [0, 255]; images decoded every epoch;
+        --seed draws the held-out split and the epoch orders),
         with the held-out fooling rate measured after each epoch; stops when it reaches --target.
         Reports the seconds to get there.
 
@@ -174,7 +175,7 @@ def sgd_cmd(a):
     m, mean, std = model_of(a.model, a.weights)
     m, fmt = layout(a, m)
     rows = list(csv.DictReader(open(os.path.join(a.data, "labels.csv"))))[: a.limit]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(a.seed)
     perm = torch.randperm(len(rows), generator=g).tolist()
     hold = [rows[i] for i in sorted(perm[: a.holdout])]
     train = [rows[i] for i in sorted(perm[a.holdout :])]
@@ -221,7 +222,8 @@ def main():
     ap.add_argument("--data")
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0, help="sgd: seed of the held-out split and the epoch orders")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--memory-format", choices=["nchw", "channels_last"], default="nchw")
     a = ap.parse_args()

@@ -449,7 +449,7 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], ep: &Epilogue, y: &mut [f32])
 
 fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], ep: &Epilogue, y: &mut [f32]) {
     let (hw, p, kk) = (g.h * g.w, g.out_plane(), g.kh * g.kw);
-    let scratch = if g.stride[1] == 1 { 0 } else { hw };
+    let scratch = depthwise::scratch_len(g);
     y.par_chunks_mut(p).enumerate().for_each(|(i, out)| {
         let c = i % g.cout;
         with_scratch(scratch, |buf| {
@@ -478,7 +478,7 @@ pub fn backward_input(g: &ConvGeom, gz: &[f32], w: &[f32], dx: &mut [f32]) {
     let (hw, p) = (g.h * g.w, g.out_plane());
     if g.is_depthwise() {
         let kk = g.kh * g.kw;
-        let scratch = if g.stride[1] == 1 { 0 } else { hw };
+        let scratch = depthwise::scratch_len(g);
         dx.par_chunks_mut(hw).enumerate().for_each(|(i, plane)| {
             let c = i % g.cin;
             with_scratch(scratch, |buf| {

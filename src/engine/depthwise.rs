@@ -1,9 +1,13 @@
 //! Direct depthwise convolution (one filter per channel) on one `h × w` plane, forward and
 //! input gradient, for any kernel, stride, padding and dilation.
 //!
-//! A stride-`s` row is split into `s` phases (`x[i·s + φ]`), so every filter tap becomes a
-//! contiguous multiply-add over a row: `acc[ox] += w · phase[ox + shift]`. Stride 1 reads the
-//! rows in place; other strides deinterleave the plane once.
+//! Stride 1 on planes up to 64 wide (both directions) is one *flat* correlation: the plane is
+//! copied into a zero-padded
+//! plane of width `Wp`, and every filter tap becomes one long multiply-add over the whole
+//! output plane laid out with row pitch `Wp` (`out[j] += w · padded[j + dy·Wp + dx]`), so short
+//! rows cost no more per element than long ones. Other strides split each row into `s` phases
+//! (`x[i·s + φ]`), so every tap becomes a contiguous multiply-add over a row:
+//! `acc[ox] += w · phase[ox + shift]`.
 
 use multiversion::multiversion;
 
@@ -72,11 +76,121 @@ fn deinterleave(x: &[f32], h: usize, w: usize, s: usize, out: &mut [f32]) -> [us
     starts
 }
 
+/// A stride-1 correlation over a zero-padded plane (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Flat {
+    /// Source plane `sh × sw`, placed at `(top, left)` in the padded plane.
+    sh: usize,
+    sw: usize,
+    top: usize,
+    left: usize,
+    /// Output `ho × wo`.
+    ho: usize,
+    wo: usize,
+    /// Largest tap offsets.
+    max_dy: usize,
+    max_dx: usize,
+}
+
+impl Flat {
+    fn pitch(&self) -> usize {
+        (self.wo + self.max_dx).max(self.left + self.sw)
+    }
+
+    fn rows(&self) -> usize {
+        (self.ho + self.max_dy + 1).max(self.top + self.sh)
+    }
+
+    fn scratch(&self) -> usize {
+        self.pitch() * (self.rows() + self.ho)
+    }
+}
+
+/// Widest plane the flat form takes: beyond it rows are long enough on their own, and the
+/// padded copy costs more than it saves (measured with `examples/dw_bench.rs`).
+const FLAT_MAX_WIDTH: usize = 64;
+
+/// The flat form of the forward pass at stride 1.
+fn flat_forward(g: &ConvGeom) -> Option<Flat> {
+    (g.stride == [1, 1] && g.w <= FLAT_MAX_WIDTH).then(|| Flat {
+        sh: g.h,
+        sw: g.w,
+        top: g.pad[0],
+        left: g.pad[1],
+        ho: g.ho,
+        wo: g.wo,
+        max_dy: (g.kh - 1) * g.dilation[0],
+        max_dx: (g.kw - 1) * g.dilation[1],
+    })
+}
+
+/// The flat form of the input gradient at stride 1: a correlation of the output gradient with
+/// the flipped filter, padded by `(k − 1)·d − p` (when that is not negative).
+fn flat_backward(g: &ConvGeom) -> Option<Flat> {
+    let (ry, rx) = ((g.kh - 1) * g.dilation[0], (g.kw - 1) * g.dilation[1]);
+    (g.stride == [1, 1] && g.w <= FLAT_MAX_WIDTH && g.pad[0] <= ry && g.pad[1] <= rx).then(|| {
+        Flat {
+            sh: g.ho,
+            sw: g.wo,
+            top: ry - g.pad[0],
+            left: rx - g.pad[1],
+            ho: g.h,
+            wo: g.w,
+            max_dy: ry,
+            max_dx: rx,
+        }
+    })
+}
+
+/// Floats of scratch the plane kernels need for `g`.
+pub fn scratch_len(g: &ConvGeom) -> usize {
+    let a = flat_forward(g).map_or(g.h * g.w, |f| f.scratch());
+    let b = flat_backward(g).map_or(g.h * g.w, |f| f.scratch());
+    a.max(b)
+}
+
+/// `out[oy][ox] = Σ_t w_t · src[oy + dy_t − top][ox + dx_t − left]` (zero outside `src`).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn flat_correlate(
+    f: &Flat,
+    src: &[f32],
+    taps: &[(usize, usize, f32)],
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (pitch, rows) = (f.pitch(), f.rows());
+    let (padded, acc) = scratch.split_at_mut(pitch * rows);
+    let acc = &mut acc[..f.ho * pitch];
+    padded.fill(0.0);
+    for r in 0..f.sh {
+        let at = (r + f.top) * pitch + f.left;
+        padded[at..at + f.sw].copy_from_slice(&src[r * f.sw..(r + 1) * f.sw]);
+    }
+    acc.fill(0.0);
+    let n = acc.len();
+    for &(dy, dx, w) in taps {
+        let at = dy * pitch + dx;
+        axpy(acc, w, &padded[at..at + n]);
+    }
+    for oy in 0..f.ho {
+        out[oy * f.wo..(oy + 1) * f.wo].copy_from_slice(&acc[oy * pitch..oy * pitch + f.wo]);
+    }
+}
+
 /// The accumulator of one plane: `acc[oy][ox] = Σ w · x` (no bias, no activation).
 ///
-/// `scratch` must hold at least `h·w` floats when the stride is not 1.
+/// `scratch` must hold at least [`scratch_len`] floats.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn forward_plane(g: &ConvGeom, x: &[f32], w: &[f32], acc: &mut [f32], scratch: &mut [f32]) {
+    if let Some(f) = flat_forward(g) {
+        let mut taps = Vec::with_capacity(g.kh * g.kw);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                taps.push((ky * g.dilation[0], kx * g.dilation[1], w[ky * g.kw + kx]));
+            }
+        }
+        return flat_correlate(&f, x, &taps, acc, scratch);
+    }
     let s = g.stride[1];
     let taps = taps(g);
     let (src, starts): (&[f32], [usize; 8]) = if s == 1 {
@@ -114,9 +228,19 @@ pub fn forward_plane(g: &ConvGeom, x: &[f32], w: &[f32], acc: &mut [f32], scratc
 }
 
 /// The input gradient of one plane: `dx = Σ w · gz` scattered back through the taps
-/// (`dx` is overwritten). `scratch` must hold at least `h·w` floats when the stride is not 1.
+/// (`dx` is overwritten). `scratch` must hold at least [`scratch_len`] floats.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn backward_plane(g: &ConvGeom, gz: &[f32], w: &[f32], dx: &mut [f32], scratch: &mut [f32]) {
+    if let Some(f) = flat_backward(g) {
+        let mut taps = Vec::with_capacity(g.kh * g.kw);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let (fy, fx) = (g.kh - 1 - ky, g.kw - 1 - kx);
+                taps.push((ky * g.dilation[0], kx * g.dilation[1], w[fy * g.kw + fx]));
+            }
+        }
+        return flat_correlate(&f, gz, &taps, dx, scratch);
+    }
     let s = g.stride[1];
     let taps = taps(g);
     let dst: &mut [f32] = if s == 1 {

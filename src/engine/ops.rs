@@ -23,6 +23,7 @@ use super::elementwise::{
     Act, Join, add_clip, clip_mask, epilogue_row, mask_grad, relu_affine_grad, relu_grad_sums,
     scale_row, sum, sum_sq_dev,
 };
+use super::scratch::zeroed;
 
 type Ad = Autodiff<Flex>;
 type AdTensor = <Ad as burn::backend::BackendTypes>::FloatTensorPrimitive;
@@ -56,11 +57,23 @@ fn dims(t: &FlexTensor) -> [usize; 4] {
     [s[0], s[1], s[2], s[3]]
 }
 
-/// Owned, writable f32 storage of `t` (in place when nothing else holds it).
+/// Owned, writable f32 storage of `t` (in place when nothing else holds it; otherwise a copy
+/// made in parallel).
 fn owned(t: FlexTensor) -> FlexTensor {
-    let mut t = dense(t);
-    let _ = t.storage_mut::<f32>();
-    t
+    let t = dense(t);
+    if t.is_unique() {
+        return t;
+    }
+    let src = data(&t);
+    let mut v = zeroed(src.len());
+    v.par_chunks_mut(1 << 16)
+        .zip(src.par_chunks(1 << 16))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+    FlexTensor::new(
+        Bytes::from_elems(v),
+        Layout::contiguous(t.layout().shape().clone()),
+        DType::F32,
+    )
 }
 
 fn mut_data(t: &mut FlexTensor) -> &mut [f32] {
@@ -101,7 +114,7 @@ fn conv_forward_flex(
     let x = dense(x);
     let g = k.geom(dims(&x));
     let r = residual.map(|(r, j)| (dense(r), j));
-    let mut y = vec![0.0f32; g.n * g.out_len()];
+    let mut y = zeroed(g.n * g.out_len());
     let ep = Epilogue {
         bias: &k.bias,
         act: k.act,
@@ -133,7 +146,7 @@ impl Backward<Flex, 2> for ConvBackward {
             grads.register::<Flex>(node.id, gz.clone());
         }
         if let Some(node) = node_x {
-            let mut dx = vec![0.0f32; g.n * g.in_len()];
+            let mut dx = zeroed(g.n * g.in_len());
             conv::backward_input(&g, data(&gz), &k.weight, &mut dx);
             grads.register::<Flex>(node.id, tensor(dx, [g.n, g.cin, g.h, g.w]));
         }
@@ -155,7 +168,7 @@ impl Backward<Flex, 1> for ConvBackward1 {
                 Some(y) => masked(gy, y, k.act),
                 None => dense(gy),
             };
-            let mut dx = vec![0.0f32; g.n * g.in_len()];
+            let mut dx = zeroed(g.n * g.in_len());
             conv::backward_input(&g, data(&gz), &k.weight, &mut dx);
             grads.register::<Flex>(node.id, tensor(dx, [g.n, g.cin, g.h, g.w]));
         }
@@ -320,7 +333,7 @@ fn affine_flex(a: &Affine, x: FlexTensor, residual: Option<(FlexTensor, Join)>) 
     );
     let r = residual.map(|(r, j)| (dense(r), j));
     let hw = h * w;
-    let mut y = vec![0.0f32; n * c * hw];
+    let mut y = zeroed(n * c * hw);
     let xs = data(&x);
     let rs = r.as_ref().map(|(r, j)| (data(r), *j));
     y.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
@@ -491,13 +504,13 @@ impl Backward<Flex, 2> for TrainConvBackward {
         let (g, x, w) = ops.state;
         let gy = dense(grads.consume::<Flex>(&ops.node));
         if let (Some(node), Some(x)) = (node_w, x) {
-            let mut dw = vec![0.0f32; g.weight_len()];
+            let mut dw = zeroed(g.weight_len());
             conv::backward_weight(&g, data(&x), data(&gy), &mut dw);
             let shape = [g.cout, g.cin / g.groups, g.kh, g.kw];
             grads.register::<Flex>(node.id, tensor(dw, shape));
         }
         if let (Some(node), Some(w)) = (node_x, w) {
-            let mut dx = vec![0.0f32; g.n * g.in_len()];
+            let mut dx = zeroed(g.n * g.in_len());
             conv::backward_input(&g, data(&gy), data(&w), &mut dx);
             grads.register::<Flex>(node.id, tensor(dx, [g.n, g.cin, g.h, g.w]));
         }
@@ -519,13 +532,13 @@ fn train_geom(x: [usize; 4], w: [usize; 4], stride: usize, pad: usize, groups: u
 }
 
 fn train_forward_flex(g: &ConvGeom, x: &FlexTensor, w: &FlexTensor) -> FlexTensor {
-    let zeros = vec![0.0f32; g.cout];
+    let zeros = zeroed(g.cout);
     let ep = Epilogue {
         bias: &zeros,
         act: Act::None,
         residual: None,
     };
-    let mut y = vec![0.0f32; g.n * g.out_len()];
+    let mut y = zeroed(g.n * g.out_len());
     conv::forward(g, data(x), data(w), &ep, &mut y);
     tensor(y, [g.n, g.cout, g.ho, g.wo])
 }
@@ -587,7 +600,7 @@ fn gather_flex(x: &FlexTensor, idx: &[usize]) -> FlexTensor {
     let hw = h * w;
     let xs = data(x);
     let k = idx.len();
-    let mut y = vec![0.0f32; n * k * hw];
+    let mut y = zeroed(n * k * hw);
     y.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
         let (b, j) = (i / k, i % k);
         out.copy_from_slice(&xs[(b * c + idx[j]) * hw..][..hw]);
@@ -604,7 +617,7 @@ fn scatter_flex(g: &FlexTensor, idx: &[usize], c: usize) -> FlexTensor {
     for (j, &ch) in idx.iter().enumerate() {
         pos[ch] = j;
     }
-    let mut y = vec![0.0f32; n * c * hw];
+    let mut y = zeroed(n * c * hw);
     y.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
         let (b, ch) = (i / c, i % c);
         if pos[ch] != usize::MAX {
@@ -624,7 +637,7 @@ fn replace_flex(x: &FlexTensor, y: &FlexTensor, idx: &[usize]) -> FlexTensor {
     for (j, &ch) in idx.iter().enumerate() {
         pos[ch] = j;
     }
-    let mut out = vec![0.0f32; n * c * hw];
+    let mut out = zeroed(n * c * hw);
     out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
         let (b, ch) = (i / c, i % c);
         let src = if pos[ch] == usize::MAX {
@@ -878,7 +891,7 @@ impl Backward<Flex, 3> for BnTrainBackward {
             grads.register::<Flex>(node.id, vec_tensor(dg));
         }
         if let Some(node) = node_x {
-            let mut dx = vec![0.0f32; n * c * hw];
+            let mut dx = zeroed(n * c * hw);
             dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
                 let ch = i % c;
                 let (m, is) = (mean[ch], inv_std[ch]);
@@ -936,7 +949,7 @@ fn bn_train_flex(
     let (mean, var) = channel_stats(xs, d);
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let hw = h * w;
-    let mut y = vec![0.0f32; n * c * hw];
+    let mut y = zeroed(n * c * hw);
     y.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
         let ch = i % c;
         let scale = gamma[ch] as f64 * inv_std[ch];
@@ -1045,7 +1058,7 @@ fn perturb_flex(x: &FlexTensor, v: &FlexTensor, clip: bool) -> FlexTensor {
     let per = d[1] * d[2] * d[3];
     let (xs, vs) = (data(x), data(v));
     let broadcast = vs.len() == per;
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeroed(xs.len());
     y.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
         let xv = &xs[i * per..(i + 1) * per];
         let vv = if broadcast {
@@ -1098,7 +1111,7 @@ impl Backward<Flex, 2> for PerturbBackward {
                 let ms = data(&masked);
                 let n = d[0];
                 // Σ over the batch, in image order (deterministic), parallel over pixels.
-                let mut acc = vec![0.0f32; per];
+                let mut acc = zeroed(per);
                 acc.par_chunks_mut(1 << 12).enumerate().for_each(|(j, a)| {
                     let at = j << 12;
                     for i in 0..n {

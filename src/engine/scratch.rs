@@ -27,6 +27,23 @@ pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
+/// A zero-filled vector of `n` floats, filled in parallel: an output tensor's first touch of
+/// its pages is spread over the pool instead of running on the calling thread.
+pub fn zeroed(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const SERIAL: usize = 1 << 16;
+    if n < SERIAL {
+        return vec![0.0; n];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(SERIAL)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the first `n` elements were just initialised.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// A buffer that parallel tasks write in disjoint parts.
 #[derive(Clone, Copy)]
 pub struct SyncPtr {
