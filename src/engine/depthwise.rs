@@ -1,12 +1,14 @@
 //! Direct depthwise convolution (one filter per channel) on one `h × w` plane, forward and
 //! input gradient, for any kernel, stride, padding and dilation.
 //!
-//! Stride 1 on planes up to 64 wide (both directions) is one *flat* correlation: the plane is
+//! Planes up to 64 wide (both directions) take a *flat* correlation. At stride 1 the plane is
 //! copied into a zero-padded
 //! plane of width `Wp`, and every filter tap becomes one long multiply-add over the whole
 //! output plane laid out with row pitch `Wp` (`out[j] += w · padded[j + dy·Wp + dx]`), so short
-//! rows cost no more per element than long ones. Other strides split each row into `s` phases
-//! (`x[i·s + φ]`), so every tap becomes a contiguous multiply-add over a row:
+//! rows cost no more per element than long ones; at other strides the padded plane is split
+//! into `sy·sx` phase planes of a common pitch first (the input gradient: one correlation per
+//! phase of the input over the padded output gradient). Wider planes split each row into `s`
+//! phases (`x[i·s + φ]`), so every tap becomes a contiguous multiply-add over a row:
 //! `acc[ox] += w · phase[ox + shift]`.
 
 use multiversion::multiversion;
@@ -142,11 +144,165 @@ fn flat_backward(g: &ConvGeom) -> Option<Flat> {
     })
 }
 
+/// Sizes of the strided flat form: phase planes (forward) or the padded output gradient
+/// (backward), with their common row pitch.
+#[derive(Debug, Clone, Copy)]
+struct Strided {
+    /// Rows and pitch of each forward phase plane.
+    rows: usize,
+    pitch: usize,
+    /// Backward: margins of the padded output gradient, its rows and pitch, and the rows and
+    /// columns of the largest input phase.
+    my: usize,
+    mx: usize,
+    g_rows: usize,
+    g_pitch: usize,
+    a_max: usize,
+}
+
+fn strided(g: &ConvGeom) -> Option<Strided> {
+    if g.stride == [1, 1] || g.w > FLAT_MAX_WIDTH {
+        return None;
+    }
+    let (sy, sx) = (g.stride[0], g.stride[1]);
+    let (ry, rx) = ((g.kh - 1) * g.dilation[0], (g.kw - 1) * g.dilation[1]);
+    let (my, mx) = (ry.div_ceil(sy), rx.div_ceil(sx));
+    let a_max = (g.pad[0] + g.h).div_ceil(sy);
+    let b_max = (g.pad[1] + g.w).div_ceil(sx);
+    let g_pitch = b_max.max(g.wo) + mx + 1;
+    Some(Strided {
+        rows: g.ho + ry / sy + 1,
+        pitch: g.wo + rx / sx,
+        my,
+        mx,
+        g_rows: a_max.max(g.ho) + my + 1,
+        g_pitch,
+        a_max,
+    })
+}
+
 /// Floats of scratch the plane kernels need for `g`.
 pub fn scratch_len(g: &ConvGeom) -> usize {
     let a = flat_forward(g).map_or(g.h * g.w, |f| f.scratch());
     let b = flat_backward(g).map_or(g.h * g.w, |f| f.scratch());
-    a.max(b)
+    let c = strided(g).map_or(0, |t| {
+        let fwd = g.stride[0] * g.stride[1] * t.rows * t.pitch + g.ho * t.pitch;
+        let bwd = (t.g_rows + t.a_max) * t.g_pitch;
+        fwd.max(bwd)
+    });
+    a.max(b).max(c)
+}
+
+/// Forward pass of a strided plane: the padded input split into `sy·sx` phase planes of a
+/// common pitch, one flat multiply-add per tap over the output plane.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn strided_forward(
+    g: &ConvGeom,
+    t: &Strided,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (sy, sx) = (g.stride[0], g.stride[1]);
+    let (pt, pl) = (g.pad[0] as isize, g.pad[1] as isize);
+    let plane = t.rows * t.pitch;
+    let (phases, acc) = scratch.split_at_mut(sy * sx * plane);
+    for py in 0..sy {
+        for px in 0..sx {
+            let ph = &mut phases[(py * sx + px) * plane..(py * sx + px + 1) * plane];
+            for r in 0..t.rows {
+                let y = (r * sy + py) as isize - pt;
+                let row = &mut ph[r * t.pitch..(r + 1) * t.pitch];
+                if y < 0 || y as usize >= g.h {
+                    row.fill(0.0);
+                    continue;
+                }
+                let src = &x[y as usize * g.w..(y as usize + 1) * g.w];
+                for (c, d) in row.iter_mut().enumerate() {
+                    let xi = (c * sx + px) as isize - pl;
+                    *d = if xi >= 0 && (xi as usize) < g.w {
+                        src[xi as usize]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+    let n = g.ho * t.pitch;
+    let acc = &mut acc[..n];
+    acc.fill(0.0);
+    for ky in 0..g.kh {
+        let oy = ky * g.dilation[0];
+        for kx in 0..g.kw {
+            let ox = kx * g.dilation[1];
+            let at = ((oy % sy) * sx + ox % sx) * plane + (oy / sy) * t.pitch + ox / sx;
+            axpy(acc, w[ky * g.kw + kx], &phases[at..at + n]);
+        }
+    }
+    for oy in 0..g.ho {
+        out[oy * g.wo..(oy + 1) * g.wo].copy_from_slice(&acc[oy * t.pitch..oy * t.pitch + g.wo]);
+    }
+}
+
+/// Input gradient of a strided plane: for each phase of the padded input, the taps that reach
+/// it, one flat multiply-add each over the padded output gradient; then the phases interleaved.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn strided_backward(
+    g: &ConvGeom,
+    t: &Strided,
+    gz: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (sy, sx) = (g.stride[0], g.stride[1]);
+    let (pt, pl) = (g.pad[0], g.pad[1]);
+    let (gp, acc) = scratch.split_at_mut(t.g_rows * t.g_pitch);
+    gp.fill(0.0);
+    for oy in 0..g.ho {
+        let at = (oy + t.my) * t.g_pitch + t.mx;
+        gp[at..at + g.wo].copy_from_slice(&gz[oy * g.wo..(oy + 1) * g.wo]);
+    }
+    let n = t.a_max * t.g_pitch;
+    let acc = &mut acc[..n];
+    for py in 0..sy {
+        for px in 0..sx {
+            acc.fill(0.0);
+            for ky in 0..g.kh {
+                let qy = py as isize - (ky * g.dilation[0]) as isize;
+                if qy.rem_euclid(sy as isize) != 0 {
+                    continue;
+                }
+                let dy = (qy / sy as isize + t.my as isize) as usize;
+                for kx in 0..g.kw {
+                    let qx = px as isize - (kx * g.dilation[1]) as isize;
+                    if qx.rem_euclid(sx as isize) != 0 {
+                        continue;
+                    }
+                    let ddx = (qx / sx as isize + t.mx as isize) as usize;
+                    let at = dy * t.g_pitch + ddx;
+                    axpy(acc, w[ky * g.kw + kx], &gp[at..at + n]);
+                }
+            }
+            // Input rows iy = a·sy + py − pt and columns ix = b·sx + px − pl.
+            let a0 = pt.saturating_sub(py).div_ceil(sy);
+            let b0 = pl.saturating_sub(px).div_ceil(sx);
+            let mut a = a0;
+            while a * sy + py < pt + g.h {
+                let iy = a * sy + py - pt;
+                let drow = &mut dx[iy * g.w..(iy + 1) * g.w];
+                let arow = &acc[a * t.g_pitch..(a + 1) * t.g_pitch];
+                let mut b = b0;
+                while b * sx + px < pl + g.w {
+                    drow[b * sx + px - pl] = arow[b];
+                    b += 1;
+                }
+                a += 1;
+            }
+        }
+    }
 }
 
 /// `out[oy][ox] = Σ_t w_t · src[oy + dy_t − top][ox + dx_t − left]` (zero outside `src`).
@@ -190,6 +346,9 @@ pub fn forward_plane(g: &ConvGeom, x: &[f32], w: &[f32], acc: &mut [f32], scratc
             }
         }
         return flat_correlate(&f, x, &taps, acc, scratch);
+    }
+    if let Some(t) = strided(g) {
+        return strided_forward(g, &t, x, w, acc, scratch);
     }
     let s = g.stride[1];
     let taps = taps(g);
@@ -240,6 +399,9 @@ pub fn backward_plane(g: &ConvGeom, gz: &[f32], w: &[f32], dx: &mut [f32], scrat
             }
         }
         return flat_correlate(&f, gz, &taps, dx, scratch);
+    }
+    if let Some(t) = strided(g) {
+        return strided_backward(g, &t, gz, w, dx, scratch);
     }
     let s = g.stride[1];
     let taps = taps(g);
