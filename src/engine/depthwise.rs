@@ -13,8 +13,8 @@
 
 use multiversion::multiversion;
 
-use super::conv::ConvGeom;
 use super::elementwise::axpy;
+use super::geom::ConvGeom;
 
 /// Offsets of one horizontal tap: phase, shift within the phase, and the `ox` range it covers.
 #[derive(Debug, Clone, Copy)]

@@ -9,11 +9,16 @@
 //! operation:
 //!
 //! - [`FrozenConv`]: conv + folded batch norm (or bias) + activation (+ a residual joined
-//!   before or after it), forward and input gradient; direct depthwise kernels, 1×1 convs as
-//!   one GEMM, im2col + GEMM otherwise ([`conv`]);
-//! - [`Affine`]: batch norm + activation on its own, for the sites a tap needs raw;
-//! - [`conv2d_trainable`]: a convolution whose weight learns (the FRUs), with input and weight
-//!   gradients.
+//!   before or after it), forward and input gradient; [`Affine`]: batch norm + activation on
+//!   its own, for the sites a tap needs raw (`fused.rs`);
+//! - the FRUs' operations (`fru_ops.rs`): [`conv2d_trainable`] (input and weight gradients),
+//!   [`batch_norm_train_relu`] (batch statistics), [`gather_channels`] / [`replace_channels`];
+//! - [`perturb`]: perturbed pixels clipped to [0, 255] (`pixels.rs`).
+//!
+//! Underneath, on plain `f32` slices: [`conv`] (1×1 convs as one GEMM per chunk of columns,
+//! im2col + GEMM otherwise), [`depthwise`] (direct kernels), [`gemm`] (the `gemm` crate, AVX-512
+//! on), [`elementwise`] (epilogues and masks), [`geom`] and [`scratch`]; `flex.rs` converts
+//! between burn tensors and flex primitives.
 //!
 //! Every kernel runs on rayon's pool, cut into tasks by geometry only, so results do not
 //! depend on the thread count. Tensors on another backend go through burn's own operations
@@ -22,18 +27,23 @@
 pub mod conv;
 pub mod depthwise;
 pub mod elementwise;
+mod flex;
+mod fru_ops;
+mod fused;
 pub mod gemm;
-mod ops;
+pub mod geom;
+mod pixels;
 pub mod scratch;
 
 use std::sync::Arc;
 
-pub use conv::ConvGeom;
 pub use elementwise::{Act, Join};
-pub use ops::{
-    Affine, BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels, perturb,
-    replace_channels,
+pub use fru_ops::{
+    BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels, replace_channels,
 };
+pub use fused::Affine;
+pub use geom::ConvGeom;
+pub use pixels::perturb;
 
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -11,7 +11,7 @@ use crate::error::{Result, SfrError};
 use crate::fetch::write_atomic;
 use crate::perturbation::write_png;
 
-/// Paths of what [`write`] produced.
+/// Paths of what [`write()`] produced.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Written {
     /// `report.json`.
