@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod attack;
+pub mod classifier;
 pub mod data;
 pub mod defense;
 pub mod device;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod metrics;
 pub mod perturbation;
 pub mod weights;
 pub mod zoo;

@@ -1098,7 +1098,7 @@ fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
         checkpoint: Some(ckpt.clone()),
         resume: a.resume,
         progress: &mut report,
-        defense: defense.as_ref(),
+        defense: defense.as_ref().map(|d| d as &dyn sfr::classifier::Plant),
     };
     let t0 = std::time::Instant::now();
     let p = match a.method {

@@ -14,12 +14,10 @@ use burn::tensor::{Distribution, Tensor, TensorData};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    Progress, RunContext, ascent_step, base_meta, clean_predictions, epoch_order, finish,
-    fooling_rate, tensor_values,
-};
+use super::{Progress, RunContext, ascent_step, base_meta, finish, tensor_values};
+use crate::classifier::{clean_predictions, fooling_rate, load_batch};
+use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
-use crate::eval::load_batch;
 use crate::perturbation::{self, Perturbation};
 use crate::zoo::Tap;
 

@@ -40,11 +40,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
-    Checkpoint, Progress, RunContext, argmax, base_meta, clean_predictions, epoch_order, finish,
-    fooling_rate, load_checkpoint, save_checkpoint, tensor_values,
+    Checkpoint, Progress, RunContext, base_meta, finish, load_checkpoint, save_checkpoint,
+    tensor_values,
 };
+use crate::classifier::{argmax, clean_predictions, fooling_rate, load_batch, logits_rows};
+use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
-use crate::eval::{load_batch, logits_rows};
 use crate::perturbation::{self, Norm, Perturbation};
 use crate::weights;
 use crate::zoo::{Model, NoTap};

@@ -12,21 +12,22 @@ pub mod sgd;
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::{Dataset, Sample};
-use crate::defense::Defense;
-use crate::defense::fru::{BnStats, FruSet, Placement, Regenerate};
+/// The classifier an attack runs through (the bare network or the defended one).
+pub use crate::classifier::Classifier as Target;
+use crate::classifier::{Classifier, Plant};
+pub use crate::classifier::{argmax, clean_predictions, fooling_rate};
+use crate::data::Dataset;
+pub use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
-use crate::eval::{load_batch, logits_rows};
 use crate::perturbation::{self, Norm, Perturbation, PerturbationMeta};
 use crate::weights::{self, RawTensor, TensorMap};
-use crate::zoo::{Model, NoTap};
+use crate::zoo::Model;
 
 /// What an attack reports as it goes.
 #[derive(Debug, Clone, Serialize)]
@@ -68,87 +69,15 @@ pub struct RunContext<'a> {
     /// Progress callback.
     pub progress: &'a mut dyn FnMut(&Progress),
     /// Attack the network with this defence in place (the adaptive attack; `sgd` only).
-    pub defense: Option<&'a Defense>,
+    pub defense: Option<&'a dyn Plant>,
 }
 
 impl<'a> RunContext<'a> {
     /// What the attack differentiates through: the bare network, or the defended one.
-    pub fn target(&self) -> Result<Target<'a>> {
+    pub fn target(&self) -> Result<Classifier<'a>> {
         match self.defense {
-            Some(d) => Target::defended(self.model, d),
-            None => Ok(Target::plain(self.model)),
-        }
-    }
-}
-
-/// The classifier an attack sees: a zoo model, optionally with a trained defence in front of
-/// its layers (frozen: an attack through it never changes the defence).
-pub struct Target<'a> {
-    /// The backbone.
-    pub model: &'a Model,
-    defended: Option<FrozenDefense>,
-}
-
-struct FrozenDefense {
-    plain: FruSet,
-    grad: FruSet,
-    placements: Vec<Placement>,
-    stats: BnStats,
-}
-
-impl<'a> Target<'a> {
-    /// The bare network.
-    pub fn plain(model: &'a Model) -> Self {
-        Target {
-            model,
-            defended: None,
-        }
-    }
-
-    /// The network with `defense` in place (inference mode; the units get no gradients).
-    pub fn defended(model: &'a Model, defense: &Defense) -> Result<Self> {
-        defense.check_backbone(model)?;
-        let adev = model.device().clone().autodiff();
-        Ok(Target {
-            model,
-            defended: Some(FrozenDefense {
-                plain: defense.frus.clone(),
-                grad: defense.frus.clone().to_device(&adev).no_grad(),
-                placements: defense.placements(),
-                stats: defense.stats.clone(),
-            }),
-        })
-    }
-
-    /// Whether a defence is in place.
-    pub fn is_defended(&self) -> bool {
-        self.defended.is_some()
-    }
-
-    /// Logits for pixels on the 0–255 scale (no gradient).
-    pub fn logits(&self, pixels: Tensor<4>) -> Tensor<2> {
-        self.forward(pixels, false)
-    }
-
-    /// Logits for pixels on the autodiff device (gradients reach the input).
-    pub fn logits_grad(&self, pixels: Tensor<4>) -> Tensor<2> {
-        self.forward(pixels, true)
-    }
-
-    fn forward(&self, pixels: Tensor<4>, grad: bool) -> Tensor<2> {
-        match &self.defended {
-            None => self.model.forward_pixels(pixels, &mut NoTap),
-            Some(d) => {
-                let mut stats = d.stats.clone();
-                let mut tap = Regenerate {
-                    frus: if grad { &d.grad } else { &d.plain },
-                    placements: &d.placements,
-                    stats: &mut stats,
-                    training: false,
-                    visited: 0,
-                };
-                self.model.forward_pixels(pixels, &mut tap)
-            }
+            Some(d) => Classifier::defended(self.model, d),
+            None => Ok(Classifier::plain(self.model)),
         }
     }
 }
@@ -181,89 +110,6 @@ pub fn split_holdout(ds: &Dataset, n_holdout: usize, seed: u64) -> Result<(Datas
     Ok((pick(&train), pick(&hold)))
 }
 
-/// Shuffled order of `n` items for `epoch`, from `seed`.
-pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(
-        seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
-    ));
-    idx
-}
-
-/// Clean top-1 predictions of `model` on `samples` (unreadable images: `None`).
-pub fn clean_predictions(
-    target: &Target,
-    samples: &[Sample],
-    batch_size: usize,
-    mut progress: impl FnMut(usize),
-) -> Result<Vec<Option<usize>>> {
-    let mut out = Vec::with_capacity(samples.len());
-    for (i, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(target.model, chunk, false)?;
-        let mut preds = vec![None; chunk.len()];
-        if let Some(b) = batch {
-            let rows = logits_rows(target.logits(b.pixels))?;
-            let mut k = 0;
-            for (j, s) in chunk.iter().enumerate() {
-                if k < b.samples.len() && b.samples[k].path == s.path {
-                    preds[j] = Some(argmax(&rows[k]));
-                    k += 1;
-                }
-            }
-        }
-        out.extend(preds);
-        progress((i * batch_size + chunk.len()).min(samples.len()));
-    }
-    Ok(out)
-}
-
-/// Index of the largest value.
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Fooling rate of `delta` (`[1, 3, h, w]`) on `samples` whose clean predictions are `clean`:
-/// the fraction of readable images whose top-1 label changes.
-pub fn fooling_rate(
-    target: &Target,
-    samples: &[Sample],
-    clean: &[Option<usize>],
-    delta: &Tensor<4>,
-    clip: bool,
-    batch_size: usize,
-) -> Result<f64> {
-    let mut fooled = 0usize;
-    let mut n = 0usize;
-    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(target.model, chunk, false)?;
-        let Some(b) = batch else { continue };
-        let x = perturbation::apply(b.pixels, delta.clone(), clip);
-        let rows = logits_rows(target.logits(x))?;
-        let mut k = 0;
-        for (j, s) in chunk.iter().enumerate() {
-            if k < b.samples.len() && b.samples[k].path == s.path {
-                if let Some(c) = clean[ci * batch_size + j] {
-                    n += 1;
-                    if argmax(&rows[k]) != c {
-                        fooled += 1;
-                    }
-                }
-                k += 1;
-            }
-        }
-    }
-    if n == 0 {
-        return Err(SfrError::NoImages("no held-out image could be read".into()));
-    }
-    Ok(fooled as f64 / n as f64)
-}
-
 /// One ascent step on a perturbation, projected back on the ξ-ball: ℓ∞ takes a sign step of
 /// `step` per pixel, ℓ2 a step of length `step` along the gradient.
 pub fn ascent_step(cur: Tensor<4>, grad: Tensor<4>, norm: Norm, step: f64, eps: f64) -> Tensor<4> {
@@ -279,12 +125,6 @@ pub fn ascent_step(cur: Tensor<4>, grad: Tensor<4>, norm: Norm, step: f64, eps: 
         }
     };
     perturbation::project(next, norm, eps)
-}
-
-/// Labels as an `[n, 1]` Int tensor.
-pub fn label_tensor(labels: &[usize], device: &burn::tensor::Device) -> Tensor<2, Int> {
-    let v: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-    Tensor::from_data(TensorData::new(v, [labels.len(), 1]), device)
 }
 
 /// A perturbation tensor's values.
@@ -384,12 +224,7 @@ pub fn base_meta(ctx: &RunContext, attack: &str, params: serde_json::Value) -> P
     m.params = params;
     if let Some(d) = ctx.defense {
         // The adaptive attack: record what it was computed through.
-        m.params["through_defense"] = serde_json::json!({
-            "id": d.id(),
-            "sites": d.meta.sites,
-            "selection": d.meta.selection,
-            "training": d.meta.training.get("config"),
-        });
+        m.params["through_defense"] = d.describe();
     }
     m.model = Some(ctx.model.spec().name.to_string());
     m.data = ctx

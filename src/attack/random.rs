@@ -5,7 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::{RunContext, base_meta, clean_predictions, finish, fooling_rate};
+use super::{RunContext, base_meta, finish};
+use crate::classifier::{clean_predictions, fooling_rate};
 use crate::error::Result;
 use crate::perturbation::{self, Norm, Perturbation};
 

@@ -8,11 +8,12 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    Progress, RunContext, ascent_step, base_meta, clean_predictions, epoch_order, finish,
-    fooling_rate, label_tensor, load_checkpoint, save_checkpoint, tensor_values,
+    Progress, RunContext, ascent_step, base_meta, finish, load_checkpoint, save_checkpoint,
+    tensor_values,
 };
+use crate::classifier::{clean_predictions, fooling_rate, label_tensor, load_batch};
+use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
-use crate::eval::load_batch;
 use crate::perturbation::{self, Perturbation};
 
 /// Parameters of SGD-UAP.

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::classes::ClassTable;
@@ -345,6 +348,15 @@ pub(crate) fn parse_labels_csv(
         });
     }
     Ok(samples)
+}
+
+/// Shuffled order of `n` items for `epoch`, from `seed`.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
+    ));
+    idx
 }
 
 #[cfg(test)]

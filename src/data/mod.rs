@@ -14,7 +14,7 @@ pub mod resize;
 use std::path::PathBuf;
 
 pub use classes::ClassTable;
-pub use dataset::{Dataset, Sample, load_batch};
+pub use dataset::{Dataset, Sample, epoch_order, load_batch};
 pub use image::{RgbImage, decode_rgb, load_rgb, to_chw_f32};
 pub use resize::{
     center_crop, center_crop_rect, resize_and_center_crop, resize_exact, resize_shorter,

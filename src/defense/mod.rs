@@ -6,7 +6,6 @@
 //! ([`synthetic`]). The backbone stays frozen, batch-norm statistics included.
 
 pub mod baselines;
-pub mod fru;
 pub mod ranking;
 pub mod synthetic;
 pub mod train;
@@ -19,10 +18,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The FRU units and their tap (they live in the classifier layer, which plants them).
+pub use crate::classifier::fru;
+use crate::classifier::fru::{BnStats, Fru, FruSet, Placement, Regenerate};
+use crate::classifier::{Plant, Planted};
 use crate::error::{Result, SfrError};
 use crate::weights::{self, RawTensor, TensorMap};
 use crate::zoo::Model;
-use fru::{BnStats, Fru, FruSet, Placement, Regenerate};
 
 /// How channels to regenerate are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -498,6 +500,30 @@ impl Defense {
             meta,
             frus: FruSet { units },
             stats,
+        })
+    }
+}
+
+impl Plant for Defense {
+    fn plant(&self, model: &Model) -> Result<Planted> {
+        self.check_backbone(model)?;
+        Ok(Planted {
+            frus: self.frus.clone(),
+            placements: self.placements(),
+            stats: self.stats.clone(),
+        })
+    }
+
+    fn id(&self) -> String {
+        Defense::id(self)
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": Defense::id(self),
+            "sites": self.meta.sites,
+            "selection": self.meta.selection,
+            "training": self.meta.training.get("config"),
         })
     }
 }

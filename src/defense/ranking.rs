@@ -4,10 +4,9 @@
 use burn::tensor::{Tensor, TensorData};
 use serde::Serialize;
 
-use crate::attack::argmax;
+use crate::classifier::{argmax, load_batch, logits_rows};
 use crate::data::Dataset;
 use crate::error::{Result, SfrError};
-use crate::eval::{load_batch, logits_rows};
 use crate::perturbation::{self, Perturbation};
 use crate::zoo::{Model, NoTap, Tap};
 

@@ -22,10 +22,11 @@ use serde_json::json;
 use super::Defense;
 use super::fru::Regenerate;
 use super::synthetic::Synthesizer;
-use crate::attack::{argmax, epoch_order, label_tensor};
+use crate::classifier::{argmax, label_tensor, load_batch, logits_rows};
 use crate::data::Dataset;
+use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
-use crate::eval::{load_batch, logits_rows, metrics};
+use crate::metrics;
 use crate::perturbation::{self, Perturbation};
 use crate::zoo::{Model, NoTap};
 

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::{load_batch, logits_rows, metrics};
-use crate::attack::argmax;
+use crate::classifier::argmax;
 use crate::data::Dataset;
 use crate::defense::Defense;
 use crate::defense::baselines::ImageDefense;

@@ -1,0 +1,197 @@
+//! The layer every later stage runs networks through: a [`Classifier`] (a zoo model, optionally
+//! with FRUs planted at its sites) that turns batches of images into logits, predictions and
+//! input gradients; the batching of images into tensors ([`batch`]); the FRU units and the tap
+//! that plants them ([`fru`]).
+//!
+//! Attacks, the defence's training and ranking, and evaluation all use this layer and none of
+//! them imports another: data → zoo → classifier → attack / defense → eval.
+
+pub mod batch;
+pub mod fru;
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+
+pub use batch::{Batch, Skipped, load_batch, logits_rows, prepare_image};
+use fru::{BnStats, FruSet, Placement, Regenerate};
+
+use crate::data::Sample;
+use crate::error::{Result, SfrError};
+use crate::perturbation;
+use crate::zoo::{Model, NoTap};
+
+/// A network as every later stage uses it: a zoo model, optionally with trained FRUs planted at
+/// its sites (frozen: nothing run through a classifier changes the units).
+pub struct Classifier<'a> {
+    /// The backbone.
+    pub model: &'a Model,
+    defended: Option<FrozenDefense>,
+}
+
+/// Trained FRUs as a defence plants them: the units, where they act, their statistics.
+#[derive(Debug, Clone)]
+pub struct Planted {
+    /// The units, in site order.
+    pub frus: FruSet,
+    /// Their placements (same order).
+    pub placements: Vec<Placement>,
+    /// Their batch-norm running statistics.
+    pub stats: BnStats,
+}
+
+/// Something that plants FRUs on a backbone: a defence file (`defense::Defense`) implements it,
+/// so that this layer needs nothing of the stages above it.
+pub trait Plant {
+    /// The units for `model`; an error names the mismatch when they were trained on another
+    /// backbone.
+    fn plant(&self, model: &Model) -> Result<Planted>;
+    /// A short identifier (recorded by runs made through the units).
+    fn id(&self) -> String;
+    /// What an artefact made through the units records about them.
+    fn describe(&self) -> serde_json::Value;
+}
+
+struct FrozenDefense {
+    plain: FruSet,
+    grad: FruSet,
+    placements: Vec<Placement>,
+    stats: BnStats,
+}
+
+impl<'a> Classifier<'a> {
+    /// The bare network.
+    pub fn plain(model: &'a Model) -> Self {
+        Classifier {
+            model,
+            defended: None,
+        }
+    }
+
+    /// The network with `defense`'s units in place (inference mode; the units get no
+    /// gradients).
+    pub fn defended(model: &'a Model, defense: &dyn Plant) -> Result<Self> {
+        let p = defense.plant(model)?;
+        let adev = model.device().clone().autodiff();
+        Ok(Classifier {
+            model,
+            defended: Some(FrozenDefense {
+                grad: p.frus.clone().to_device(&adev).no_grad(),
+                plain: p.frus,
+                placements: p.placements,
+                stats: p.stats,
+            }),
+        })
+    }
+
+    /// Whether a defence is in place.
+    pub fn is_defended(&self) -> bool {
+        self.defended.is_some()
+    }
+
+    /// Logits for pixels on the 0–255 scale (no gradient).
+    pub fn logits(&self, pixels: Tensor<4>) -> Tensor<2> {
+        self.forward(pixels, false)
+    }
+
+    /// Logits for pixels on the autodiff device (gradients reach the input).
+    pub fn logits_grad(&self, pixels: Tensor<4>) -> Tensor<2> {
+        self.forward(pixels, true)
+    }
+
+    fn forward(&self, pixels: Tensor<4>, grad: bool) -> Tensor<2> {
+        match &self.defended {
+            None => self.model.forward_pixels(pixels, &mut NoTap),
+            Some(d) => {
+                let mut stats = d.stats.clone();
+                let mut tap = Regenerate {
+                    frus: if grad { &d.grad } else { &d.plain },
+                    placements: &d.placements,
+                    stats: &mut stats,
+                    training: false,
+                    visited: 0,
+                };
+                self.model.forward_pixels(pixels, &mut tap)
+            }
+        }
+    }
+}
+
+/// Clean top-1 predictions of `model` on `samples` (unreadable images: `None`).
+pub fn clean_predictions(
+    target: &Classifier,
+    samples: &[Sample],
+    batch_size: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Option<usize>>> {
+    let mut out = Vec::with_capacity(samples.len());
+    for (i, chunk) in samples.chunks(batch_size).enumerate() {
+        let (batch, _) = load_batch(target.model, chunk, false)?;
+        let mut preds = vec![None; chunk.len()];
+        if let Some(b) = batch {
+            let rows = logits_rows(target.logits(b.pixels))?;
+            let mut k = 0;
+            for (j, s) in chunk.iter().enumerate() {
+                if k < b.samples.len() && b.samples[k].path == s.path {
+                    preds[j] = Some(argmax(&rows[k]));
+                    k += 1;
+                }
+            }
+        }
+        out.extend(preds);
+        progress((i * batch_size + chunk.len()).min(samples.len()));
+    }
+    Ok(out)
+}
+
+/// Index of the largest value.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Fooling rate of `delta` (`[1, 3, h, w]`) on `samples` whose clean predictions are `clean`:
+/// the fraction of readable images whose top-1 label changes.
+pub fn fooling_rate(
+    target: &Classifier,
+    samples: &[Sample],
+    clean: &[Option<usize>],
+    delta: &Tensor<4>,
+    clip: bool,
+    batch_size: usize,
+) -> Result<f64> {
+    let mut fooled = 0usize;
+    let mut n = 0usize;
+    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
+        let (batch, _) = load_batch(target.model, chunk, false)?;
+        let Some(b) = batch else { continue };
+        let x = perturbation::apply(b.pixels, delta.clone(), clip);
+        let rows = logits_rows(target.logits(x))?;
+        let mut k = 0;
+        for (j, s) in chunk.iter().enumerate() {
+            if k < b.samples.len() && b.samples[k].path == s.path {
+                if let Some(c) = clean[ci * batch_size + j] {
+                    n += 1;
+                    if argmax(&rows[k]) != c {
+                        fooled += 1;
+                    }
+                }
+                k += 1;
+            }
+        }
+    }
+    if n == 0 {
+        return Err(SfrError::NoImages("no held-out image could be read".into()));
+    }
+    Ok(fooled as f64 / n as f64)
+}
+
+/// Labels as an `[n, 1]` Int tensor.
+pub fn label_tensor(labels: &[usize], device: &burn::tensor::Device) -> Tensor<2, Int> {
+    let v: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    Tensor::from_data(TensorData::new(v, [labels.len(), 1]), device)
+}
