@@ -65,6 +65,14 @@ pub enum SfrError {
         #[source]
         source: std::io::Error,
     },
+    /// An error with what was being done when it happened. Its message is the context alone;
+    /// the cause is its `source()` (programs print the chain: `reading X: <cause>`).
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<SfrError>,
+    },
 }
 
 /// The library's result type.
@@ -79,11 +87,31 @@ impl SfrError {
         }
     }
 
+    /// This error with `context` in front of it.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        SfrError::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
     /// An [`SfrError::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         SfrError::Io {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// `.context(|| …)` on the library's results, as `anyhow` has it for programs.
+pub trait Context<T> {
+    /// Say what was being done when the error happened.
+    fn context_with(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<SfrError>> Context<T> for std::result::Result<T, E> {
+    fn context_with(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| e.into().context(what()))
     }
 }

@@ -12,6 +12,7 @@ pub mod attack;
 pub mod classifier;
 pub mod data;
 pub mod defense;
+pub mod demo;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -1,5 +1,6 @@
 //! Evaluation: images through a model, batched, with named metrics.
 
+pub mod assemble;
 pub mod generate;
 /// The metrics (they live below the stages that compute them).
 pub use crate::metrics;

@@ -249,6 +249,23 @@ fn hits(row: &[f32], label: usize) -> (bool, bool) {
 }
 
 /// Evaluate every row against every defence column on `data`.
+///
+/// ```no_run
+/// use std::path::Path;
+/// use sfr::eval::{assemble, suite};
+/// use sfr::perturbation::Norm;
+///
+/// let dev = sfr::device::default_device();
+/// let model = sfr::zoo::load("mobilenet_v2", Path::new("mobilenet_v2-b0353104.pth"), &dev)?;
+/// let mut defense = sfr::defense::Defense::load(Path::new("def.safetensors"), &model, &dev)?;
+/// let data = sfr::data::Dataset::open("../shared/data/nips17", None)?;
+/// // Rows from perturbation files, judged against the attack the defence was trained on.
+/// let rows = assemble::rows_from_specs(&["test=uap.safetensors".into()], 224, ("sgd", Norm::Linf, 10.0))?;
+/// let report = suite::run(&model, &mut defense, "def.safetensors", &data, &rows,
+///                         &suite::SuiteOptions::default(), &mut |_, _| {})?;
+/// println!("{}", sfr::eval::report::restoration_table(&report));
+/// # Ok::<(), sfr::SfrError>(())
+/// ```
 pub fn run(
     model: &Model,
     defense: &mut Defense,

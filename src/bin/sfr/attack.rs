@@ -1,0 +1,277 @@
+//! `sfr attack`: compute a universal perturbation.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use sfr::attack::activations::{ActivationConfig, Objective, Prior};
+use sfr::attack::sgd::SgdConfig;
+use sfr::attack::{self, RunContext};
+use sfr::defense::Defense;
+use sfr::perturbation::Norm;
+
+use crate::common::*;
+
+#[derive(Args)]
+pub(crate) struct AttackArgs {
+    /// The attack.
+    #[arg(value_enum)]
+    pub(crate) method: Method,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    /// Norm of the budget.
+    #[arg(long, value_enum, default_value_t = Norm::Linf)]
+    pub(crate) norm: Norm,
+    /// Budget ξ on the 0–255 pixel scale (ℓ∞ 10 and ℓ2 2000 in the paper).
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) eps: f64,
+    /// Output perturbation file (.safetensors).
+    #[arg(long, short)]
+    pub(crate) out: PathBuf,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Images held out for the running fooling-rate estimate.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) holdout: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch_size: usize,
+    /// Do not clip perturbed pixels to [0, 255] while attacking.
+    #[arg(long)]
+    pub(crate) no_clip: bool,
+    /// sgd: passes over the data.
+    #[arg(long)]
+    pub(crate) epochs: Option<usize>,
+    /// sgd, fff, gduap: first step as a fraction of ξ.
+    #[arg(long)]
+    pub(crate) step: Option<f64>,
+    /// sgd: step multiplier per epoch.
+    #[arg(long)]
+    pub(crate) decay: Option<f64>,
+    /// sgd: cross-entropy clamp β.
+    #[arg(long)]
+    pub(crate) beta: Option<f64>,
+    /// sgd: stop once the held-out fooling rate reaches this.
+    #[arg(long)]
+    pub(crate) target_fooling_rate: Option<f64>,
+    /// fff, gduap: ascent iterations.
+    #[arg(long)]
+    pub(crate) iterations: Option<usize>,
+    /// gduap: prior.
+    #[arg(long, value_enum, default_value_t = Prior::None)]
+    pub(crate) prior: Prior,
+    /// fff, gduap: sites to maximise (default: every conv).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) sites: Vec<String>,
+    /// deepfool: candidate classes.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) candidates: usize,
+    /// deepfool: overshoot.
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) overshoot: f64,
+    /// deepfool: DeepFool iterations at most.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) max_iter: usize,
+    /// deepfool: stop once a pass fools 1 − δ of the training images.
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) delta: f64,
+    /// deepfool: passes at most.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) max_passes: usize,
+    /// deepfool: the exact sequential original (one image at a time).
+    #[arg(long)]
+    pub(crate) per_image: bool,
+    /// deepfool: visit at most this many images per pass.
+    #[arg(long)]
+    pub(crate) max_images_per_pass: Option<usize>,
+    /// The adaptive attack (sgd, random): attack the network with this `sfr defend` file in
+    /// place, differentiating through its FRUs.
+    #[arg(long)]
+    pub(crate) defense: Option<PathBuf>,
+    /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// Print the artefact's metadata as one JSON object on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Method {
+    /// SGD-UAP / sPGD: batched sign steps on clamped cross-entropy.
+    Sgd,
+    /// The original UAP algorithm with DeepFool steps (batched: a batch shares v).
+    Deepfool,
+    /// FFF: data-free, maximise log mean |activation| at the sites.
+    Fff,
+    /// GD-UAP: maximise log ‖activation‖² with an optional prior.
+    Gduap,
+    /// Random-sign control of the same norm and budget.
+    Random,
+}
+
+pub(crate) fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
+    // Validate everything cheap before loading anything.
+    sfr::perturbation::check_eps(a.norm, a.eps)?;
+    if a.out.exists() && a.out.is_dir() {
+        bail!("--out {} is a folder; give a file name", a.out.display());
+    }
+    let mut sgd = SgdConfig::default();
+    if let Some(v) = a.epochs {
+        sgd.epochs = v;
+    }
+    if let Some(v) = a.step {
+        sgd.step = v;
+    }
+    if let Some(v) = a.decay {
+        sgd.decay = v;
+    }
+    if let Some(v) = a.beta {
+        sgd.beta = v;
+    }
+    if let Some(v) = a.target_fooling_rate {
+        sgd.target_fooling_rate = v;
+    }
+    if a.method == Method::Sgd {
+        sgd.validate()?;
+    }
+    let deepfool = attack::deepfool::DeepFoolConfig {
+        candidates: a.candidates,
+        overshoot: a.overshoot,
+        max_iter: a.max_iter,
+        delta: a.delta,
+        max_passes: a.max_passes,
+        per_image: a.per_image,
+        max_images_per_pass: a.max_images_per_pass,
+    };
+    if a.method == Method::Deepfool {
+        deepfool.validate()?;
+    }
+    let act = |objective| {
+        let mut c = ActivationConfig::new(
+            objective,
+            if objective == Objective::Fff {
+                Prior::None
+            } else {
+                a.prior
+            },
+        );
+        if let Some(v) = a.iterations {
+            c.iterations = v;
+        }
+        if let Some(v) = a.step {
+            c.step = v;
+        }
+        c.sites = a.sites.clone();
+        c
+    };
+    let model = load_model(&a.model, quiet)?;
+    let defense = match &a.defense {
+        Some(path) => {
+            if !matches!(a.method, Method::Sgd | Method::Random) {
+                return Err(sfr::error::SfrError::param(
+                    "--defense",
+                    "the adaptive attack is available for sgd (and the random control) only",
+                )
+                .into());
+            }
+            Some(
+                Defense::load(path, &model, model.device())
+                    .with_context(|| format!("reading the defence {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let ds = a.data.open(quiet)?;
+    let (train, holdout) = attack::split_holdout(
+        &ds,
+        a.holdout.min(ds.samples.len().saturating_sub(1)),
+        a.seed,
+    )?;
+    let mut ckpt = a.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let ckpt = PathBuf::from(ckpt);
+    let pb = progress_bar(train.samples.len(), quiet, "attack");
+    let lines = !quiet && !std::io::stderr().is_terminal();
+    let mut last = (String::new(), None);
+    let mut report = |p: &attack::Progress| {
+        // Without a terminal, one line per phase and per new held-out measurement.
+        let phase = p.phase.split(" (").next().unwrap_or("").to_string();
+        if lines && (phase != last.0 || p.holdout_fooling_rate != last.1) {
+            eprintln!(
+                "{}{}",
+                p.phase,
+                p.holdout_fooling_rate
+                    .map(|f| format!(": held-out fooling rate {f:.4}"))
+                    .unwrap_or_default()
+            );
+            last = (phase, p.holdout_fooling_rate);
+        }
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+        let mut msg = p.phase.clone();
+        if let Some(l) = p.loss {
+            msg.push_str(&format!(" loss {l:.3}"));
+        }
+        if let Some(f) = p.holdout_fooling_rate {
+            msg.push_str(&format!(" held-out fooling {f:.3}"));
+        }
+        pb.set_message(msg);
+    };
+    let mut ctx = RunContext {
+        model: &model,
+        train: &train,
+        holdout: &holdout,
+        norm: a.norm,
+        eps: a.eps,
+        seed: a.seed,
+        clip: !a.no_clip,
+        batch_size: a.batch_size,
+        checkpoint: Some(ckpt.clone()),
+        resume: a.resume,
+        progress: &mut report,
+        defense: defense.as_ref().map(|d| d as &dyn sfr::classifier::Plant),
+    };
+    let t0 = std::time::Instant::now();
+    let p = match a.method {
+        Method::Sgd => attack::sgd::run(&sgd, &mut ctx)?,
+        Method::Deepfool => attack::deepfool::run(&deepfool, &mut ctx)?,
+        Method::Fff => attack::activations::run(&act(Objective::Fff), &mut ctx)?,
+        Method::Gduap => attack::activations::run(&act(Objective::GdUap), &mut ctx)?,
+        Method::Random => attack::random::run(&mut ctx)?,
+    };
+    pb.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    p.save(&a.out)?;
+    let _ = std::fs::remove_file(&ckpt);
+    if a.json {
+        let mut v = serde_json::to_value(&p.meta)?;
+        v["file"] = json!(a.out);
+        v["seconds"] = json!(seconds);
+        v["linf"] = json!(p.linf());
+        v["l2"] = json!(p.l2());
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} ξ = {}, {:.1} s)",
+            a.out.display(),
+            p.meta.norm,
+            p.meta.eps,
+            seconds
+        );
+        if let Some(f) = p.meta.fooling_rate {
+            println!(
+                "held-out fooling rate {:.4} on {} images (top-1 label changed vs the clean prediction)",
+                f,
+                p.meta.fooling_rate_n.unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}

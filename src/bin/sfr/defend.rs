@@ -1,0 +1,225 @@
+//! `sfr defend`: train the FRUs.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use sfr::attack::{self};
+use sfr::defense::{Defense, PlanOptions, Selection};
+use sfr::perturbation::Perturbation;
+
+use crate::common::*;
+
+#[derive(Args)]
+pub(crate) struct DefendArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) data: TrainDataArgs,
+    /// Real training perturbations (repeat); synthetic ones are drawn from them unless --no-synthetic.
+    #[arg(long = "uap", required = true)]
+    pub(crate) uaps: Vec<PathBuf>,
+    /// Output defence file (.safetensors).
+    #[arg(long, short)]
+    pub(crate) out: PathBuf,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) epochs: usize,
+    /// Images per mini-batch (half clean, half perturbed).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub(crate) lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Images held out for the validation restoration estimate after each epoch.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) val: usize,
+    /// Sites to defend (default: the paper's placement, or sfr's rule; see `sfr rank`).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) sites: Vec<String>,
+    /// Fraction of each site's channels to regenerate.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) fraction: f64,
+    /// FRU width D as a multiple of N.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) width: f64,
+    /// Which channels: the ℓ1-ranked ones (the paper) or random ones (ablation).
+    #[arg(long, value_enum, default_value_t = Selection::Ranked)]
+    pub(crate) selection: Selection,
+    /// Train on the real perturbations only (no synthesis).
+    #[arg(long)]
+    pub(crate) no_synthetic: bool,
+    /// Train on the network's clean predictions instead of labels (unlabelled folders).
+    #[arg(long)]
+    pub(crate) pseudo_labels: bool,
+    /// Objective: `ce` (the paper's cross-entropy), `distill` (match the undefended network's
+    /// clean softmax) or `logits` (match its clean logits, squared error); the last two for clean
+    /// and perturbed images alike, and need no labels.
+    #[arg(long, value_enum, default_value_t = sfr::defense::train::Loss::Ce)]
+    pub(crate) loss: sfr::defense::train::Loss,
+    /// No random horizontal flips.
+    #[arg(long)]
+    pub(crate) no_augment: bool,
+    /// Random-resized crops covering at least this fraction of each image's area (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) crop_scale: f64,
+    /// Learning-rate schedule over the run.
+    #[arg(long, value_enum, default_value_t = sfr::defense::train::Schedule::Constant)]
+    pub(crate) schedule: sfr::defense::train::Schedule,
+    /// Keep the epoch with the best validation restoration accuracy (needs --val > 0).
+    #[arg(long)]
+    pub(crate) keep_best: bool,
+    /// Weight of the clean half of each mini-batch in the loss (the perturbed half weighs 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) clean_weight: f64,
+    /// Do not clip perturbed pixels to [0, 255].
+    #[arg(long)]
+    pub(crate) no_clip: bool,
+    /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
+    #[arg(long)]
+    pub(crate) resume: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
+    let cfg = sfr::defense::train::TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        synthetic: !a.no_synthetic,
+        pseudo_labels: a.pseudo_labels,
+        loss: a.loss,
+        augment: !a.no_augment,
+        crop_scale: a.crop_scale,
+        schedule: a.schedule,
+        keep_best: a.keep_best,
+        clean_weight: a.clean_weight,
+        seed: a.seed,
+        clip: !a.no_clip,
+    };
+    cfg.validate()?;
+    let model = load_model(&a.model, quiet)?;
+    let size = model.spec().input_size;
+    let uaps: Vec<Perturbation> = load_perturbations(&a.uaps, None, size)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let ds = a.data.open(quiet)?;
+    let (train, val) = if a.val == 0 {
+        (
+            ds,
+            sfr::data::Dataset {
+                samples: Vec::new(),
+                sources: Vec::new(),
+            },
+        )
+    } else {
+        attack::split_holdout(&ds, a.val, a.seed)?
+    };
+    let mut ckpt = a.out.clone().into_os_string();
+    ckpt.push(".ckpt");
+    let ckpt = PathBuf::from(ckpt);
+    let device = model.device().clone();
+    let mut defense = if a.resume && ckpt.is_file() {
+        let d = Defense::load(&ckpt, &model, &device)
+            .with_context(|| format!("resuming from {}", ckpt.display()))?;
+        if !quiet {
+            eprintln!(
+                "resuming from {} ({} epochs done)",
+                ckpt.display(),
+                d.meta
+                    .training
+                    .get("epochs_done")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+            );
+        }
+        d
+    } else {
+        let opts = PlanOptions {
+            sites: a.sites.clone(),
+            fraction: a.fraction,
+            width_ratio: a.width,
+            selection: a.selection,
+            seed: a.seed,
+        };
+        Defense::plant(&model, &opts, &device)?
+    };
+    let pb = progress_bar(train.samples.len(), quiet, "defend");
+    let lines = !quiet && !std::io::stderr().is_terminal();
+    let mut last_epoch = 0;
+    let t0 = std::time::Instant::now();
+    let history = sfr::defense::train::train(
+        &model,
+        &mut defense,
+        &train,
+        &val,
+        &uaps,
+        &cfg,
+        Some(&ckpt),
+        &mut |p| {
+            pb.set_length(p.total as u64);
+            pb.set_position(p.done as u64);
+            let mut msg = format!("epoch {}/{}", p.epoch, cfg.epochs);
+            if let Some(l) = p.mean_loss {
+                msg.push_str(&format!(" mean loss {l:.3}"));
+            }
+            // During an epoch the validation shown is the last finished epoch's; the report
+            // that closes an epoch (no batch loss) carries its own.
+            if let Some(r) = p.val_restoration {
+                let which = if p.loss.is_none() {
+                    ""
+                } else {
+                    " (last epoch)"
+                };
+                msg.push_str(&format!(" val restoration{which} {r:.3}"));
+            }
+            pb.set_message(msg.clone());
+            if lines && p.loss.is_none() && p.epoch != last_epoch {
+                eprintln!("{msg}");
+                last_epoch = p.epoch;
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    defense.save(&a.out)?;
+    let _ = std::fs::remove_file(&ckpt);
+    let seconds = t0.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&defense.meta)?;
+        v["file"] = json!(a.out);
+        v["seconds"] = json!(seconds);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} FRUs at {}; {:.1} s)",
+            a.out.display(),
+            defense.meta.sites.len(),
+            defense.meta.sites.join(", "),
+            seconds
+        );
+        let selected = defense.meta.training["selected_epoch"]
+            .as_u64()
+            .map_or(history.len(), |e| e as usize);
+        if let Some(v) = selected.checked_sub(1).and_then(|i| history.get(i)) {
+            println!(
+                "kept epoch {selected} of {}; its validation ({} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
+                history.len(),
+                val.samples.len(),
+                v.baseline_clean_top1,
+                v.defended_clean_top1,
+                v.defended_perturbed_top1,
+                v.restoration_accuracy
+            );
+        }
+    }
+    Ok(())
+}
