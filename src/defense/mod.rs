@@ -38,7 +38,7 @@ pub enum Selection {
 
 /// The paper's placements (mapped to sfr's site names) and sfr's rule for the other networks.
 pub fn default_sites(model: &Model) -> Result<Vec<String>> {
-    let name = model.spec().name;
+    let name: &str = &model.spec().name;
     let v: Vec<&str> = match name {
         // The paper's release: CaffeNet and VGG-F conv1–conv5.
         "caffenet" | "vgg_f" => vec!["conv1", "conv2", "conv3", "conv4", "conv5"],

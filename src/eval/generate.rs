@@ -324,7 +324,7 @@ fn reuse(
         _ => None,
     };
     let same = p.meta.attack == attack
-        && p.meta.model.as_deref() == Some(model.spec().name)
+        && p.meta.model.as_deref() == Some(&*model.spec().name)
         && p.meta.seed == Some(job.seed)
         && p.meta.norm == job.norm
         && p.meta.eps == job.eps

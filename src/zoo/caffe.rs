@@ -22,13 +22,13 @@ use crate::error::{Result, SfrError};
 /// CaffeNet.
 pub fn caffenet_spec() -> ArchSpec {
     ArchSpec {
-        name: "caffenet",
-        description: "CaffeNet (bvlc_reference_caffenet), Caffe layer names",
+        name: "caffenet".into(),
+        description: "CaffeNet (bvlc_reference_caffenet), Caffe layer names".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::Squash,
         preprocess: CAFFE,
-        weights: "safetensors converted from bvlc_reference_caffenet.caffemodel; keys conv1..conv5, fc6..fc8 (see module docs)",
+        weights: "safetensors converted from bvlc_reference_caffenet.caffemodel; keys conv1..conv5, fc6..fc8 (see module docs)".into(),
         fetch: None,
         measured: &[],
     }
@@ -37,13 +37,13 @@ pub fn caffenet_spec() -> ArchSpec {
 /// VGG-F.
 pub fn vgg_f_spec() -> ArchSpec {
     ArchSpec {
-        name: "vgg_f",
-        description: "VGG-F (VGG_CNN_F), Caffe layer names",
+        name: "vgg_f".into(),
+        description: "VGG-F (VGG_CNN_F), Caffe layer names".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: CAFFE,
-        weights: "safetensors converted from VGG_CNN_F.caffemodel; keys conv1..conv5, fc6..fc8 (see module docs)",
+        weights: "safetensors converted from VGG_CNN_F.caffemodel; keys conv1..conv5, fc6..fc8 (see module docs)".into(),
         fetch: None,
         measured: &[],
     }

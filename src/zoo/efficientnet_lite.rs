@@ -65,8 +65,8 @@ fn spec_of(i: usize) -> ArchSpec {
         ),
     };
     ArchSpec {
-        name,
-        description: "EfficientNet-Lite (ReLU6, no SE, TF same padding)",
+        name: name.into(),
+        description: "EfficientNet-Lite (ReLU6, no SE, TF same padding)".into(),
         input_size: res,
         // lite0 is evaluated like torchvision (256 → 224); the others keep the 0.875 crop ratio.
         resize: if i == 0 {
@@ -76,7 +76,7 @@ fn spec_of(i: usize) -> ArchSpec {
         },
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TF_LITE,
-        weights,
+        weights: weights.into(),
         fetch,
         measured: if i == 0 { MEASURED } else { &[] },
     }

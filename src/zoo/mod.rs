@@ -14,6 +14,7 @@ pub mod mobilenet_v2;
 pub mod resnet;
 pub mod vgg;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use std::sync::Arc;
@@ -95,10 +96,10 @@ pub struct Measured {
 /// The facts needed to use an architecture correctly.
 #[derive(Debug, Clone, Serialize)]
 pub struct ArchSpec {
-    /// Name used on the command line.
-    pub name: &'static str,
+    /// Name used on the command line (an ONNX model: its file name).
+    pub name: Cow<'static, str>,
     /// One-line description.
-    pub description: &'static str,
+    pub description: Cow<'static, str>,
     /// Centre-crop size fed to the network (square).
     pub input_size: usize,
     /// Resize target before the crop.
@@ -108,7 +109,7 @@ pub struct ArchSpec {
     /// Normalisation and channel order.
     pub preprocess: Preprocess,
     /// Where pretrained weights come from and their key layout.
-    pub weights: &'static str,
+    pub weights: Cow<'static, str>,
     /// Asset name for `sfr fetch`, where a package registry ships the weights.
     pub fetch: Option<&'static str>,
     /// Accuracy measured with sfr itself (see README for how).
@@ -294,7 +295,7 @@ fn unknown(name: &str) -> SfrError {
         name: name.to_string(),
         known: specs()
             .iter()
-            .map(|s| s.name)
+            .map(|s| s.name.to_string())
             .collect::<Vec<_>>()
             .join(", "),
     }

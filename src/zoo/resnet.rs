@@ -11,13 +11,13 @@ use crate::error::{Result, SfrError};
 
 fn spec(name: &'static str, description: &'static str, weights: &'static str) -> ArchSpec {
     ArchSpec {
-        name,
-        description,
+        name: name.into(),
+        description: description.into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TORCHVISION,
-        weights,
+        weights: weights.into(),
         fetch: None,
         measured: &[],
     }

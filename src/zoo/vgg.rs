@@ -9,13 +9,15 @@ use crate::error::Result;
 /// AlexNet (torchvision's one-tower variant: 64-192-384-256-256).
 pub fn alexnet_spec() -> ArchSpec {
     ArchSpec {
-        name: "alexnet",
-        description: "AlexNet (torchvision layout, one tower)",
+        name: "alexnet".into(),
+        description: "AlexNet (torchvision layout, one tower)".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TORCHVISION,
-        weights: "torchvision's alexnet-owt-7be5be79.pth (not on the package registries: pass the file)",
+        weights:
+            "torchvision's alexnet-owt-7be5be79.pth (not on the package registries: pass the file)"
+                .into(),
         fetch: None,
         measured: &[],
     }
@@ -24,13 +26,14 @@ pub fn alexnet_spec() -> ArchSpec {
 /// VGG-16 without batch norm.
 pub fn vgg16_spec() -> ArchSpec {
     ArchSpec {
-        name: "vgg16",
-        description: "VGG-16 (torchvision layout, no batch norm)",
+        name: "vgg16".into(),
+        description: "VGG-16 (torchvision layout, no batch norm)".into(),
         input_size: 224,
         resize: 256,
         resize_mode: ResizeMode::ShorterSide,
         preprocess: TORCHVISION,
-        weights: "torchvision's vgg16-397923af.pth (not on the package registries: pass the file)",
+        weights: "torchvision's vgg16-397923af.pth (not on the package registries: pass the file)"
+            .into(),
         fetch: None,
         measured: &[],
     }
