@@ -11,6 +11,7 @@ pub mod efficientnet_lite;
 pub mod googlenet;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod onnx;
 pub mod resnet;
 pub mod vgg;
 
@@ -29,7 +30,7 @@ use crate::error::{Result, SfrError};
 use crate::weights::{self, TensorMap};
 
 /// How images are resized before the centre crop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeMode {
     /// The shorter side becomes `resize`, keeping the aspect ratio (torchvision's `Resize(n)`).
@@ -312,20 +313,37 @@ pub fn build(name: &str, tensors: TensorMap, device: &Device) -> Result<Model> {
     let mut loader = layers::Loader::new(name, tensors, device);
     let net = (entry.build)(name, &mut loader)?;
     loader.finish()?;
-    let p = spec.preprocess;
-    let scale: Vec<f32> = p.std_rgb.iter().map(|s| 1.0 / s).collect();
-    let shift: Vec<f32> = p.mean_rgb.iter().zip(&scale).map(|(m, s)| -m * s).collect();
-    let normalizer = Arc::new(Affine {
-        scale: Arc::new(scale),
-        shift: Arc::new(shift),
-        act: Act::None,
-    });
-    Ok(Model {
-        spec,
-        net,
-        normalizer,
-        device: device.clone(),
-    })
+    Ok(Model::new(spec, net, device))
+}
+
+impl Model {
+    /// A model from its facts and its network (a zoo architecture or an ONNX graph).
+    pub fn new(spec: ArchSpec, net: Box<dyn Network>, device: &Device) -> Model {
+        let p = spec.preprocess;
+        let scale: Vec<f32> = p.std_rgb.iter().map(|s| 1.0 / s).collect();
+        let shift: Vec<f32> = p.mean_rgb.iter().zip(&scale).map(|(m, s)| -m * s).collect();
+        let normalizer = Arc::new(Affine {
+            scale: Arc::new(scale),
+            shift: Arc::new(shift),
+            act: Act::None,
+        });
+        Model {
+            spec,
+            net,
+            normalizer,
+            device: device.clone(),
+        }
+    }
+}
+
+/// Load an ONNX classifier (see [`onnx`]): the model, and what was found in the graph.
+pub fn load_onnx(
+    path: &Path,
+    pre: &onnx::OnnxPreprocess,
+    device: &Device,
+) -> Result<(Model, onnx::GraphInfo)> {
+    let (spec, net, info) = onnx::load(path, pre, device)?;
+    Ok((Model::new(spec, net, device), info))
 }
 
 /// Load architecture `name` from a weight file (`.pth` or safetensors).
