@@ -165,3 +165,238 @@ fn regnet_x_400mf() {
 fn efficientnet_b0() {
     check("efficientnet_b0");
 }
+
+fn sfr_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(args)
+        .output()
+        .expect("run sfr")
+}
+
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let o = sfr_cmd(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "sfr {args:?} failed: {err}");
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("sfr {args:?}: no JSON ({e}): {err}"))
+}
+
+/// Attack, defence, evaluation with the defence, the masking ranking and the suite, end to end
+/// on an ONNX model (squeezenet1_1 at 64×64: small enough for a test).
+#[test]
+fn the_pipeline_runs_on_an_onnx_model() {
+    let (Some(dir), Some(shared)) = (exports(), common::shared_dir()) else {
+        return;
+    };
+    let model = dir.join("squeezenet1_1.onnx").display().to_string();
+    let train = shared.join("data/imagenet-sample").display().to_string();
+    let test = shared.join("data/nips17").display().to_string();
+    let out = common::scratch("onnx_pipeline");
+    let p = out.join("p.safetensors").display().to_string();
+    let d = out.join("d.safetensors").display().to_string();
+    let info = ok_json(&["models", &model, "--json"]);
+    assert_eq!(info["model"]["input_size"], 64);
+    assert_eq!(info["sites"][0]["name"], "features.0");
+    let a = ok_json(&[
+        "attack",
+        "sgd",
+        "-q",
+        "--model",
+        &model,
+        "--data",
+        &train,
+        "--limit",
+        "24",
+        "--holdout",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        &p,
+        "--json",
+    ]);
+    assert_eq!(a["model"], "squeezenet1_1");
+    assert!(a["fooling_rate"].as_f64().is_some(), "{a}");
+    let t = ok_json(&[
+        "defend",
+        "-q",
+        "--model",
+        &model,
+        "--data",
+        &train,
+        "--limit",
+        "24",
+        "--val",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--uap",
+        &p,
+        "--no-synthetic",
+        "--loss",
+        "logits",
+        "--sites",
+        "features.0,features.3.squeeze",
+        "--out",
+        &d,
+        "--json",
+    ]);
+    assert!(t["training"]["seconds"].as_f64().is_some(), "{t}");
+    let e = ok_json(&[
+        "eval",
+        "-q",
+        "--model",
+        &model,
+        "--data",
+        &test,
+        "--limit",
+        "16",
+        "-p",
+        &p,
+        "--defense",
+        &d,
+        "--json",
+    ]);
+    let r = e.to_string();
+    assert!(r.contains("restoration_accuracy"), "{r}");
+    let rank = ok_json(&["rank", "-q", "--model", &model, "--json"]);
+    assert!(rank.to_string().contains("features.0"), "{rank}");
+    let s = ok_json(&[
+        "suite",
+        "-q",
+        "--model",
+        &model,
+        "--defense",
+        &d,
+        "--data",
+        &test,
+        "--limit",
+        "16",
+        "--attack",
+        &format!("seen={p}"),
+        "--out",
+        &out.join("suite").display().to_string(),
+        "--json",
+    ]);
+    assert_eq!(s["model"], "squeezenet1_1");
+    assert!(out.join("suite/report.md").is_file());
+    // The defence belongs to this graph: another ONNX graph refuses it.
+    let other = dir.join("resnet34.onnx").display().to_string();
+    let o = sfr_cmd(&[
+        "eval",
+        "-q",
+        "--model",
+        &other,
+        "--data",
+        &test,
+        "--limit",
+        "4",
+        "--defense",
+        &d,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Files that are not ONNX, truncated ones, an unsupported operator, a dynamic input size
+/// without --input-size, a graph with no Conv, preprocessing flags on a zoo model: clear errors.
+#[test]
+fn bad_onnx_input_gets_clear_errors() {
+    let Some(dir) = exports() else {
+        return;
+    };
+    let scratch = common::scratch("onnx_bad");
+    let text = scratch.join("text.onnx");
+    std::fs::write(&text, "this is not a model").unwrap();
+    let whole = std::fs::read(dir.join("squeezenet1_1.onnx")).unwrap();
+    let trunc = scratch.join("trunc.onnx");
+    std::fs::write(&trunc, &whole[..whole.len() / 3]).unwrap();
+    let empty = scratch.join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (text.display().to_string(), vec!["text.onnx", "ONNX"]),
+        (trunc.display().to_string(), vec!["trunc.onnx", "ONNX"]),
+        (empty.display().to_string(), vec!["empty.onnx", "empty"]),
+        (
+            dir.join("bad_leaky_relu.onnx").display().to_string(),
+            vec!["LeakyRelu", "supported: Conv"],
+        ),
+        (
+            dir.join("bad_dynamic_size.onnx").display().to_string(),
+            vec!["dynamic", "--input-size"],
+        ),
+        (
+            dir.join("bad_no_conv.onnx").display().to_string(),
+            vec!["no Conv"],
+        ),
+        (
+            scratch.join("missing.onnx").display().to_string(),
+            vec!["missing.onnx"],
+        ),
+    ];
+    for (file, needles) in cases {
+        let o = sfr_cmd(&["models", &file]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{file}: {e}");
+        assert!(!e.contains("panicked"), "{file}: {e}");
+        for n in needles {
+            assert!(e.contains(n), "{file}: the error should mention `{n}`: {e}");
+        }
+    }
+    // The dynamic graph runs once it is given a size.
+    let dynamic = dir.join("bad_dynamic_size.onnx").display().to_string();
+    let o = sfr_cmd(&["models", &dynamic, "--input-size", "32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Preprocessing flags belong to ONNX models.
+    let o = sfr_cmd(&[
+        "eval",
+        "--model",
+        "mobilenet_v2",
+        "--input-size",
+        "100",
+        "--data",
+        "nowhere",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("ONNX"), "{e}");
+    // Bad means.
+    let sq = dir.join("squeezenet1_1.onnx").display().to_string();
+    let o = sfr_cmd(&["models", &sq, "--mean", "1,2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--mean"));
+}
+
+/// MobileNetV2 exported with its registry weights gives the built-in model's nips17 accuracy.
+#[test]
+fn mobilenet_v2_exported_matches_the_built_in_accuracy() {
+    let (Some(dir), Some(shared)) = (exports(), common::shared_dir()) else {
+        return;
+    };
+    let model = dir.join("mobilenet_v2_registry.onnx").display().to_string();
+    let data = shared.join("data/nips17").display().to_string();
+    let a = ok_json(&["eval", "-q", "--model", &model, "--data", &data, "--json"]);
+    let b = ok_json(&[
+        "eval",
+        "-q",
+        "--model",
+        "mobilenet_v2",
+        "--data",
+        &data,
+        "--json",
+    ]);
+    eprintln!(
+        "nips17 top-1/top-5: ONNX {}/{}, built-in {}/{}",
+        a["clean_top1"], a["clean_top5"], b["clean_top1"], b["clean_top5"]
+    );
+    assert_eq!(a["clean_top1"], b["clean_top1"]);
+    assert_eq!(a["clean_top5"], b["clean_top5"]);
+}

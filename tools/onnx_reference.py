@@ -17,6 +17,9 @@ DIR/<arch>.onnx, and DIR/<arch>_io.safetensors holding
             (after the batch norm folded into each, where there is one),
 with metadata `sites` = the two convolutions' module paths.
 
+It also writes three small graphs for the error tests: bad_leaky_relu.onnx (an operator sfr does
+not run), bad_dynamic_size.onnx (height and width dynamic), bad_no_conv.onnx (no convolution).
+
 --mobilenet-v2 also exports torchvision's MobileNetV2 with the given (registry) weights at 224
 to DIR/mobilenet_v2_registry.onnx, for the accuracy and speed comparison with the built-in model.
 """
@@ -98,6 +101,16 @@ def main():
              {"input": x, "logits": logits, "site.0": sites[0], "site.1": sites[1]},
              {"sites": ",".join(names), "size": a.size})
         print(f"{arch}: sites {names}, logits std {logits.std().item():.3f}")
+    torch.manual_seed(0)
+    nn = torch.nn
+    leaky = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    export(leaky, torch.randn(1, 3, 32, 32), os.path.join(a.out, "bad_leaky_relu.onnx"))
+    dyn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    torch.onnx.export(dyn, torch.randn(1, 3, 32, 32), os.path.join(a.out, "bad_dynamic_size.onnx"), opset_version=13,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch", 2: "h", 3: "w"}, "logits": {0: "batch"}})
+    noconv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10)).eval()
+    export(noconv, torch.randn(1, 3, 32, 32), os.path.join(a.out, "bad_no_conv.onnx"))
     if a.mobilenet_v2:
         m = torchvision.models.mobilenet_v2()
         m.load_state_dict(torch.load(a.mobilenet_v2, map_location="cpu"))

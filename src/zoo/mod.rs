@@ -30,7 +30,7 @@ use crate::error::{Result, SfrError};
 use crate::weights::{self, TensorMap};
 
 /// How images are resized before the centre crop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeMode {
     /// The shorter side becomes `resize`, keeping the aspect ratio (torchvision's `Resize(n)`).

@@ -1,7 +1,7 @@
 //! What every command shares: the model and data arguments, loading them, progress bars and notes.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -10,16 +10,98 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sfr::data::{ClassTable, Dataset};
 use sfr::fetch;
 use sfr::perturbation::{Fit, Perturbation};
+use sfr::zoo::onnx::OnnxPreprocess;
 use sfr::zoo::{self, Model};
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// Architecture (see `sfr models`).
+    /// Architecture (see `sfr models`), or an ONNX file (`FILE.onnx`).
     #[arg(long, short, default_value = "mobilenet_v2")]
     pub(crate) model: String,
     /// Weight file (.pth or .safetensors); default: the registry weights, fetched if needed.
     #[arg(long, short)]
     pub(crate) weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) onnx: OnnxArgs,
+}
+
+/// How an ONNX model's input is prepared (each overrides `MODEL.json` beside the model; the
+/// default is torchvision's: resize to input/0.875, centre crop, ImageNet mean/std, RGB).
+#[derive(Args, Default)]
+pub(crate) struct OnnxArgs {
+    /// ONNX models: centre-crop size (needed when the graph's input size is dynamic).
+    #[arg(long)]
+    pub(crate) input_size: Option<usize>,
+    /// ONNX models: resize target before the crop.
+    #[arg(long)]
+    pub(crate) resize: Option<usize>,
+    /// ONNX models: how the resize treats the aspect ratio.
+    #[arg(long, value_enum)]
+    pub(crate) resize_mode: Option<zoo::ResizeMode>,
+    /// ONNX models: per-channel mean on the 0–255 scale, `R,G,B`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) mean: Vec<f32>,
+    /// ONNX models: per-channel standard deviation on the 0–255 scale, `R,G,B`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) std: Vec<f32>,
+    /// ONNX models: feed the network BGR instead of RGB.
+    #[arg(long)]
+    pub(crate) bgr: bool,
+}
+
+impl OnnxArgs {
+    fn given(&self) -> bool {
+        self.input_size.is_some()
+            || self.resize.is_some()
+            || self.resize_mode.is_some()
+            || !self.mean.is_empty()
+            || !self.std.is_empty()
+            || self.bgr
+    }
+
+    /// The preprocessing in force for `path`: these flags over `MODEL.json` beside it.
+    pub(crate) fn preprocess(&self, path: &Path) -> Result<OnnxPreprocess> {
+        let three = |v: &[f32], name: &str| -> Result<Option<[f32; 3]>> {
+            match v {
+                [] => Ok(None),
+                [r, g, b] if v.iter().all(|x| x.is_finite()) => Ok(Some([*r, *g, *b])),
+                _ => bail!(
+                    "invalid {name}: expected three finite numbers R,G,B on the 0–255 scale, got {v:?}"
+                ),
+            }
+        };
+        let std = three(&self.std, "--std")?;
+        if std.is_some_and(|s| s.iter().any(|x| *x <= 0.0)) {
+            bail!("invalid --std: every channel's standard deviation must be positive");
+        }
+        let flags = OnnxPreprocess {
+            input_size: self.input_size,
+            resize: self.resize,
+            resize_mode: self.resize_mode,
+            mean: three(&self.mean, "--mean")?,
+            std,
+            bgr: self.bgr.then_some(true),
+        };
+        let side = zoo::onnx::sidecar(path);
+        let file = if side.is_file() {
+            let text = std::fs::read_to_string(&side)
+                .with_context(|| format!("reading {}", side.display()))?;
+            serde_json::from_str::<OnnxPreprocess>(&text).with_context(|| {
+                format!(
+                    "{}: expected a JSON object with input_size, resize, resize_mode, mean, std, bgr",
+                    side.display()
+                )
+            })?
+        } else {
+            OnnxPreprocess::default()
+        };
+        Ok(flags.or(file))
+    }
+}
+
+/// Whether `model` names an ONNX file rather than a zoo architecture.
+pub(crate) fn is_onnx(model: &str) -> bool {
+    model.to_ascii_lowercase().ends_with(".onnx")
 }
 
 pub(crate) fn note(quiet: bool) -> impl FnMut(&str) {
@@ -30,8 +112,28 @@ pub(crate) fn note(quiet: bool) -> impl FnMut(&str) {
     }
 }
 
-/// Load the model, fetching its registry weights when no file is given.
+/// Load the model: an ONNX file, or a zoo architecture with its weight file (fetching the
+/// registry weights when no file is given).
 pub(crate) fn load_model(a: &ModelArgs, quiet: bool) -> Result<Model> {
+    let device = sfr::device::default_device();
+    if is_onnx(&a.model) {
+        if a.weights.is_some() {
+            bail!("--weights is for zoo architectures; an ONNX file holds its own weights");
+        }
+        let path = PathBuf::from(&a.model);
+        let pre = a.onnx.preprocess(&path)?;
+        let (model, info) = zoo::load_onnx(&path, &pre, &device)?;
+        for n in &info.notes {
+            note(quiet)(&format!("note: {n}"));
+        }
+        return Ok(model);
+    }
+    if a.onnx.given() {
+        bail!(
+            "--input-size, --resize, --resize-mode, --mean, --std and --bgr are for ONNX models; `{}` is a zoo architecture with its own preprocessing (`sfr models`)",
+            a.model
+        );
+    }
     let spec = zoo::spec(&a.model)?;
     let path = match &a.weights {
         Some(p) => p.clone(),
@@ -44,7 +146,6 @@ pub(crate) fn load_model(a: &ModelArgs, quiet: bool) -> Result<Model> {
             ),
         },
     };
-    let device = sfr::device::default_device();
     zoo::load(&a.model, &path, &device)
         .with_context(|| format!("loading `{}` from {}", a.model, path.display()))
 }

@@ -50,6 +50,10 @@ struct Cli {
 enum Cmd {
     /// List the model zoo: input sizes, preprocessing, where weights come from.
     Models {
+        /// An ONNX file: print its input, output, sites and the preprocessing in force.
+        file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        onnx: common::OnnxArgs,
         /// One JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -93,7 +97,7 @@ fn main() {
     sfr::alloc::configure();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", chain(&e));
         std::process::exit(1);
     }
 }
@@ -101,7 +105,10 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let quiet = cli.quiet;
     match cli.command {
-        Cmd::Models { json } => models(json),
+        Cmd::Models { file, onnx, json } => match file {
+            Some(f) => models::onnx_model(&f, &onnx, json),
+            None => models(json),
+        },
         Cmd::Fetch {
             assets,
             list,
@@ -117,4 +124,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => demo_cmd(a, quiet),
         Cmd::Perturbation(c) => perturbation_cmd(c),
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text its parent's message
+/// already carries (the library's I/O errors print their cause themselves).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if out.contains(&m) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&m);
+    }
+    out
 }
