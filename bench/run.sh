@@ -69,6 +69,19 @@ for m in mobilenet_v2 efficientnet_lite0 resnet50; do
     -- grad --model "$m" "${tw[@]}" --iters 10
 done
 
+# An ONNX model on the same engine: MobileNetV2 exported with its registry weights against the
+# built-in architecture (forward and input-gradient passes, batch 32).
+/usr/bin/python3 tools/onnx_reference.py --out "$TMP/onnx" --only-mobilenet-v2 --mobilenet-v2 "$MNV2" >/dev/null 2>&1
+echo "ONNX: mobilenet_v2 exported by torch.onnx.export with its registry weights, against the built-in (10 passes of 32)"
+"$BIN/examples/grad_bench" mobilenet_v2 "$MNV2" 32 10 > "$TMP/zoo.json"
+"$BIN/examples/grad_bench" "$TMP/onnx/mobilenet_v2_registry.onnx" - 32 10 > "$TMP/onnx.json"
+python3 - "$TMP/zoo.json" "$TMP/onnx.json" <<'EOP'
+import json, sys
+z, o = (json.load(open(p)) for p in sys.argv[1:3])
+for k, what in (("forward_images_per_second", "forward"), ("images_per_second", "input gradient")):
+    print("  %-16s built-in %6.1f images/s, ONNX %6.1f images/s: ONNX/built-in %.2f" % (what, z[k], o[k], o[k] / z[k]))
+EOP
+
 # FRU training: one epoch over the first 256 imagenet-sample images, batch 16, six FRUs.
 "$SFR" attack random -q --data "$TRAIN" --limit 8 --holdout 4 --out "$TMP/v.safetensors" >/dev/null
 for m in mobilenet_v2 efficientnet_lite0; do
