@@ -119,7 +119,9 @@ pub fn default_sites(model: &Model) -> Result<Vec<String>> {
         other => {
             return Err(SfrError::param(
                 "--sites",
-                format!("no default sites for `{other}`; name them with --sites"),
+                format!(
+                    "no default sites for `{other}`; name them with --sites (`sfr rank` with the same --model lists its sites in forward order)"
+                ),
             ));
         }
     };

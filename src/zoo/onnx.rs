@@ -483,6 +483,72 @@ enum Op {
     Slice(Ref, Bounds, usize),
 }
 
+impl Op {
+    /// Every value this op reads, once per read (a value read twice counts twice).
+    fn reads(&self, f: &mut impl FnMut(Ref)) {
+        let ints = |a: &IntsArg, f: &mut dyn FnMut(Ref)| {
+            if let IntsArg::Runtime(r) = a {
+                f(*r)
+            }
+        };
+        match self {
+            Op::Unit(u) => {
+                f(Ref::Var(u.x));
+                for s in &u.chain {
+                    if let After::Add(skip) = s {
+                        f(Ref::Var(*skip));
+                    }
+                }
+            }
+            Op::Affine(x, ..)
+            | Op::Unary(x, ..)
+            | Op::GlobalAvgPool(x, _)
+            | Op::AvgPool(x, ..)
+            | Op::MaxPool(x, ..)
+            | Op::Flatten(x, ..)
+            | Op::Split(x, ..)
+            | Op::Transpose(x, ..)
+            | Op::Pad(x, ..)
+            | Op::Squeeze(x, ..)
+            | Op::Unsqueeze(x, ..)
+            | Op::ReduceMean(x, ..)
+            | Op::Softmax(x, ..)
+            | Op::Lrn(x, ..)
+            | Op::Pass(x, _)
+            | Op::Shape(x, ..) => f(*x),
+            Op::Binary(a, b, ..) | Op::Gather(a, b, _) => {
+                f(*a);
+                f(*b);
+            }
+            Op::Gemm { a, b, c, .. } => {
+                f(*a);
+                f(*b);
+                if let Some(c) = c {
+                    f(*c);
+                }
+            }
+            Op::Reshape(x, to, _) => {
+                f(*x);
+                if let ReshapeTo::Runtime(r) = to {
+                    f(*r);
+                }
+            }
+            Op::Concat(xs, ..) => xs.iter().for_each(|x| f(*x)),
+            Op::Slice(x, b, _) => {
+                f(*x);
+                ints(&b.starts, f);
+                ints(&b.ends, f);
+                if let Some(a) = &b.axes {
+                    ints(a, f);
+                }
+                if let Some(st) = &b.steps {
+                    ints(st, f);
+                }
+            }
+        }
+    }
+}
+
 /// A slice's starts, ends, axes and steps, each fixed or computed by the graph.
 struct Bounds {
     starts: IntsArg,
@@ -510,6 +576,9 @@ struct Interpreter {
     input: usize,
     output: usize,
     slots: usize,
+    /// How many times each slot is read (the output once more): a run drops a value at its
+    /// last read, so activations do not outlive their use and the last reader may reuse them.
+    reads: Vec<u32>,
 }
 
 fn float_data(d: &TensorData, what: &str) -> std::result::Result<Vec<f32>, String> {
@@ -592,6 +661,15 @@ impl Interpreter {
                 format!("the output `{}` is never computed", output.name),
             )
         })?;
+        let mut reads = vec![0u32; b.slot.len()];
+        reads[output_slot] += 1;
+        for op in &ops {
+            op.reads(&mut |r| {
+                if let Ref::Var(s) = r {
+                    reads[s] += 1;
+                }
+            });
+        }
         Ok(Interpreter {
             ops,
             consts: b.consts,
@@ -599,6 +677,7 @@ impl Interpreter {
             input: input_slot,
             output: output_slot,
             slots: b.slot.len(),
+            reads,
         })
     }
 }
@@ -1189,22 +1268,31 @@ fn resolve_shape(target: &[i64], dims: &[usize]) -> R<Vec<usize>> {
 }
 
 impl Interpreter {
-    fn get(&self, vals: &[Option<Val>], r: Ref) -> R<Val> {
+    fn get(&self, vals: &mut [Option<Val>], left: &mut [u32], r: Ref) -> R<Val> {
         match r {
-            Ref::Var(s) => vals[s]
-                .clone()
-                .ok_or_else(|| "a value is used before it is computed".into()),
+            Ref::Var(s) => {
+                left[s] = left[s].saturating_sub(1);
+                let v = if left[s] == 0 {
+                    vals[s].take()
+                } else {
+                    vals[s].clone()
+                };
+                v.ok_or_else(|| "a value is used before it is computed".into())
+            }
             Ref::Const(c) => Ok(self.consts[c].clone()),
         }
     }
 
     fn run(&self, x: Tensor<4>, tap: &mut dyn Tap) -> R<Tensor<2>> {
         let mut vals: Vec<Option<Val>> = vec![None; self.slots];
+        let mut left = self.reads.clone();
         vals[self.input] = Some(Val::from4(x));
         for op in &self.ops {
             match op {
                 Op::Unit(u) => {
-                    let x = self.get(&vals, Ref::Var(u.x))?.t4("conv input")?;
+                    let x = self
+                        .get(&mut vals, &mut left, Ref::Var(u.x))?
+                        .t4("conv input")?;
                     let y = if tap.wants(&u.conv.name) {
                         let mut z = tap.visit(&u.conv.name, u.conv.raw(x));
                         if let Some(bn) = &u.bn {
@@ -1216,7 +1304,9 @@ impl Interpreter {
                                 After::Act(Act::Relu6) => z.clamp(0.0, 6.0),
                                 After::Act(Act::None) => z,
                                 After::Add(skip) => {
-                                    z + self.get(&vals, Ref::Var(skip))?.t4("skip")?
+                                    z + self
+                                        .get(&mut vals, &mut left, Ref::Var(skip))?
+                                        .t4("skip")?
                                 }
                             };
                         }
@@ -1235,7 +1325,9 @@ impl Interpreter {
                             ..(*u.folded).clone()
                         });
                         let r = match residual {
-                            Some((s, j)) => Some((self.get(&vals, Ref::Var(s))?.t4("skip")?, j)),
+                            Some((s, j)) => {
+                                Some((self.get(&mut vals, &mut left, Ref::Var(s))?.t4("skip")?, j))
+                            }
                             None => None,
                         };
                         op.forward(x, r)
@@ -1243,15 +1335,18 @@ impl Interpreter {
                     vals[u.out] = Some(Val::from4(y));
                 }
                 Op::Affine(x, a, out) => {
-                    let x = self.get(&vals, *x)?.t4("batch norm input")?;
+                    let x = self.get(&mut vals, &mut left, *x)?.t4("batch norm input")?;
                     vals[*out] = Some(Val::from4(a.forward(x, None)));
                 }
                 Op::Unary(x, f, out) => {
-                    let (t, d) = self.get(&vals, *x)?.float("activation")?;
+                    let (t, d) = self.get(&mut vals, &mut left, *x)?.float("activation")?;
                     vals[*out] = Some(Val::f(unary(t, *f), d));
                 }
                 Op::Binary(a, b, f, out) => {
-                    let (va, vb) = (self.get(&vals, *a)?, self.get(&vals, *b)?);
+                    let (va, vb) = (
+                        self.get(&mut vals, &mut left, *a)?,
+                        self.get(&mut vals, &mut left, *b)?,
+                    );
                     vals[*out] = Some(match (va, vb) {
                         (Val::I(x), Val::I(y)) => {
                             let n = x.len().max(y.len());
@@ -1287,15 +1382,17 @@ impl Interpreter {
                     });
                 }
                 Op::GlobalAvgPool(x, out) => {
-                    let x = self.get(&vals, *x)?.t4("global average pool")?;
+                    let x = self
+                        .get(&mut vals, &mut left, *x)?
+                        .t4("global average pool")?;
                     vals[*out] = Some(Val::from4(adaptive_avg_pool2d(x, [1, 1])));
                 }
                 Op::AvgPool(x, o, out) => {
-                    let x = self.get(&vals, *x)?.t4("average pool")?;
+                    let x = self.get(&mut vals, &mut left, *x)?.t4("average pool")?;
                     vals[*out] = Some(Val::from4(avg_pool2d(x, o.clone())));
                 }
                 Op::MaxPool(x, o, out) => {
-                    let x = self.get(&vals, *x)?.t4("max pool")?;
+                    let x = self.get(&mut vals, &mut left, *x)?.t4("max pool")?;
                     vals[*out] = Some(Val::from4(max_pool2d(x, o.clone())));
                 }
                 Op::Gemm {
@@ -1307,15 +1404,15 @@ impl Interpreter {
                     beta,
                     out,
                 } => {
-                    let a = self.get(&vals, *a)?.t2("Gemm A")?;
-                    let b = self.get(&vals, *b)?.t2("Gemm B")?;
+                    let a = self.get(&mut vals, &mut left, *a)?.t2("Gemm A")?;
+                    let b = self.get(&mut vals, &mut left, *b)?.t2("Gemm B")?;
                     let b = if *trans_b { b.transpose() } else { b };
                     let mut y = a.matmul(b);
                     if *alpha != 1.0 {
                         y = y.mul_scalar(*alpha);
                     }
                     if let Some(c) = c {
-                        let (ct, cd) = self.get(&vals, *c)?.float("Gemm C")?;
+                        let (ct, cd) = self.get(&mut vals, &mut left, *c)?.float("Gemm C")?;
                         let [m, n] = y.dims();
                         broadcast(&[m, n], &cd)?;
                         let ct = ct.reshape(pad5(&cd));
@@ -1325,17 +1422,19 @@ impl Interpreter {
                     vals[*out] = Some(Val::from2(y));
                 }
                 Op::Flatten(x, axis, out) => {
-                    let v = self.get(&vals, *x)?;
+                    let v = self.get(&mut vals, &mut left, *x)?;
                     let d = v.dims();
                     let a: usize = d[..*axis].iter().product();
                     let b: usize = d[*axis..].iter().product();
                     vals[*out] = Some(v.reshaped(vec![a, b])?);
                 }
                 Op::Reshape(x, to, out) => {
-                    let v = self.get(&vals, *x)?;
+                    let v = self.get(&mut vals, &mut left, *x)?;
                     let target = match to {
                         ReshapeTo::Static(t) => t.clone(),
-                        ReshapeTo::Runtime(r) => self.get(&vals, *r)?.ints("reshape target")?,
+                        ReshapeTo::Runtime(r) => {
+                            self.get(&mut vals, &mut left, *r)?.ints("reshape target")?
+                        }
                     };
                     let dims = resolve_shape(&target, &v.dims())?;
                     vals[*out] = Some(v.reshaped(dims)?);
@@ -1343,7 +1442,7 @@ impl Interpreter {
                 Op::Concat(xs, axis, out) => {
                     let vs = xs
                         .iter()
-                        .map(|r| self.get(&vals, *r))
+                        .map(|r| self.get(&mut vals, &mut left, *r))
                         .collect::<R<Vec<_>>>()?;
                     vals[*out] = Some(if vs.iter().all(|v| matches!(v, Val::I(_))) {
                         Val::I(
@@ -1368,7 +1467,7 @@ impl Interpreter {
                     });
                 }
                 Op::Split(x, axis, sizes, outs) => {
-                    let (t, d) = self.get(&vals, *x)?.float("split")?;
+                    let (t, d) = self.get(&mut vals, &mut left, *x)?.float("split")?;
                     let n = outs.len();
                     let sizes: Vec<usize> = if sizes.is_empty() {
                         let per = d[*axis].div_ceil(n);
@@ -1389,7 +1488,7 @@ impl Interpreter {
                     }
                 }
                 Op::Transpose(x, perm, out) => {
-                    let (t, d) = self.get(&vals, *x)?.float("transpose")?;
+                    let (t, d) = self.get(&mut vals, &mut left, *x)?.float("transpose")?;
                     let r = d.len();
                     let off = 5 - r;
                     let mut p5 = [0, 1, 2, 3, 4];
@@ -1400,7 +1499,7 @@ impl Interpreter {
                     vals[*out] = Some(Val::f(t.permute(p5), nd));
                 }
                 Op::Pad(x, p, value, out) => {
-                    let (mut t, mut d) = self.get(&vals, *x)?.float("pad")?;
+                    let (mut t, mut d) = self.get(&mut vals, &mut left, *x)?.float("pad")?;
                     let off = 5 - d.len();
                     for (axis, &(lo, hi)) in p.iter().enumerate() {
                         for (n, front) in [(lo, true), (hi, false)] {
@@ -1421,7 +1520,7 @@ impl Interpreter {
                     vals[*out] = Some(Val::f(t, d));
                 }
                 Op::Squeeze(x, axes, out) => {
-                    let v = self.get(&vals, *x)?;
+                    let v = self.get(&mut vals, &mut left, *x)?;
                     let d = v.dims();
                     let r = d.len() as i64;
                     let drop: Vec<usize> = match axes {
@@ -1441,7 +1540,7 @@ impl Interpreter {
                     });
                 }
                 Op::Unsqueeze(x, axes, out) => {
-                    let v = self.get(&vals, *x)?;
+                    let v = self.get(&mut vals, &mut left, *x)?;
                     vals[*out] = Some(match v {
                         Val::I(iv) => Val::I(iv),
                         f => {
@@ -1460,7 +1559,7 @@ impl Interpreter {
                     });
                 }
                 Op::ReduceMean(x, axes, keep, out) => {
-                    let (mut t, d) = self.get(&vals, *x)?.float("reduce mean")?;
+                    let (mut t, d) = self.get(&mut vals, &mut left, *x)?.float("reduce mean")?;
                     for &a in axes {
                         t = t.mean_dim(axis5(a, d.len()));
                     }
@@ -1480,27 +1579,29 @@ impl Interpreter {
                     });
                 }
                 Op::Softmax(x, axis, out) => {
-                    let (t, d) = self.get(&vals, *x)?.float("softmax")?;
+                    let (t, d) = self.get(&mut vals, &mut left, *x)?.float("softmax")?;
                     let a5 = axis5(*axis, d.len());
                     vals[*out] = Some(Val::f(burn::tensor::activation::softmax(t, a5), d));
                 }
                 Op::Lrn(x, size, alpha, beta, k, out) => {
-                    let x = self.get(&vals, *x)?.t4("LRN")?;
+                    let x = self.get(&mut vals, &mut left, *x)?.t4("LRN")?;
                     vals[*out] = Some(Val::from4(lrn(x, *size, *alpha, *beta, *k)));
                 }
                 Op::Pass(x, out) => {
-                    vals[*out] = Some(self.get(&vals, *x)?);
+                    vals[*out] = Some(self.get(&mut vals, &mut left, *x)?);
                 }
                 Op::Shape(x, start, end, out) => {
-                    let d = self.get(&vals, *x)?.dims();
+                    let d = self.get(&mut vals, &mut left, *x)?.dims();
                     let e = (*end).min(d.len());
                     vals[*out] = Some(Val::I(
                         d[(*start).min(e)..e].iter().map(|&v| v as i64).collect(),
                     ));
                 }
                 Op::Gather(x, idx, out) => {
-                    let v = self.get(&vals, *x)?.ints("gather")?;
-                    let ix = self.get(&vals, *idx)?.ints("gather indices")?;
+                    let v = self.get(&mut vals, &mut left, *x)?.ints("gather")?;
+                    let ix = self
+                        .get(&mut vals, &mut left, *idx)?
+                        .ints("gather indices")?;
                     let n = v.len() as i64;
                     vals[*out] = Some(Val::I(
                         ix.iter()
@@ -1513,10 +1614,12 @@ impl Interpreter {
                     ));
                 }
                 Op::Slice(x, b, out) => {
-                    let ints = |a: &IntsArg| -> R<Vec<i64>> {
+                    let mut ints = |a: &IntsArg| -> R<Vec<i64>> {
                         match a {
                             IntsArg::Static(v) => Ok(v.clone()),
-                            IntsArg::Runtime(r) => self.get(&vals, *r)?.ints("slice bound"),
+                            IntsArg::Runtime(r) => {
+                                self.get(&mut vals, &mut left, *r)?.ints("slice bound")
+                            }
                         }
                     };
                     let (starts, ends) = (ints(&b.starts)?, ints(&b.ends)?);
@@ -1529,7 +1632,7 @@ impl Interpreter {
                     {
                         return Err("Slice with steps other than 1 is not supported".into());
                     }
-                    let v = self.get(&vals, *x)?;
+                    let v = self.get(&mut vals, &mut left, *x)?;
                     vals[*out] = Some(match v {
                         Val::I(iv) => {
                             let n = iv.len() as i64;
@@ -1555,9 +1658,7 @@ impl Interpreter {
                 }
             }
         }
-        let out = vals[self.output]
-            .clone()
-            .ok_or("the output was not computed")?;
+        let out = self.get(&mut vals, &mut left, Ref::Var(self.output))?;
         out.t2("the graph's output")
     }
 }

@@ -94,6 +94,12 @@ enum Cmd {
 }
 
 fn main() {
+    // `sfr models | head` ends quietly, as Unix tools do, instead of panicking on a closed stdout.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     sfr::alloc::configure();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
