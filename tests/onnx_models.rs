@@ -284,6 +284,20 @@ fn the_pipeline_runs_on_an_onnx_model() {
     ]);
     assert_eq!(s["model"], "squeezenet1_1");
     assert!(out.join("suite/report.md").is_file());
+    // A published perturbation fitted to the graph's input size.
+    let fff = shared.join("attacks/sfr-release/FFF/perturbation_caffenet_mean.npy");
+    let i = ok_json(&[
+        "perturbation",
+        "import",
+        &fff.display().to_string(),
+        "--model",
+        &model,
+        "--out",
+        &out.join("fff.safetensors").display().to_string(),
+        "--json",
+    ]);
+    let fitted = sfr::perturbation::Perturbation::load(&out.join("fff.safetensors")).unwrap();
+    assert_eq!((fitted.height, fitted.width), (64, 64), "{i}");
     // The defence belongs to this graph: another ONNX graph refuses it.
     let other = dir.join("resnet34.onnx").display().to_string();
     let o = sfr_cmd(&[

@@ -50,7 +50,7 @@ pub(crate) struct OnnxArgs {
 }
 
 impl OnnxArgs {
-    fn given(&self) -> bool {
+    pub(crate) fn given(&self) -> bool {
         self.input_size.is_some()
             || self.resize.is_some()
             || self.resize_mode.is_some()

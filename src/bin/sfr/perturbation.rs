@@ -43,8 +43,13 @@ pub(crate) enum PerturbationCmd {
         #[arg(long, value_enum)]
         norm: Option<Norm>,
         /// Crop or resize to this size.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "model")]
         size: Option<usize>,
+        /// Crop or resize to this model's input size: an architecture or an ONNX file.
+        #[arg(long, short)]
+        model: Option<String>,
+        #[command(flatten)]
+        onnx: crate::common::OnnxArgs,
         /// How to reach --size.
         #[arg(long, value_enum, default_value_t = Fit::Crop)]
         fit: Fit,
@@ -115,9 +120,27 @@ pub(crate) fn perturbation_cmd(c: PerturbationCmd) -> Result<()> {
             scale,
             norm,
             size,
+            model,
+            onnx,
             fit,
             json,
         } => {
+            let size = match model {
+                Some(m) if crate::common::is_onnx(&m) => {
+                    let path = PathBuf::from(&m);
+                    let device = sfr::device::default_device();
+                    let (model, _) = sfr::zoo::load_onnx(&path, &onnx.preprocess(&path)?, &device)?;
+                    Some(model.spec().input_size)
+                }
+                Some(m) => {
+                    anyhow::ensure!(
+                        !onnx.given(),
+                        "--input-size, --resize, --resize-mode, --mean, --std and --bgr are for ONNX models; `{m}` is a zoo architecture"
+                    );
+                    Some(sfr::zoo::spec(&m)?.input_size)
+                }
+                None => size,
+            };
             let opts = ImportOptions {
                 layout,
                 scale,
