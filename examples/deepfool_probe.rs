@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     max_iter: 1,
                     ..cfg.clone()
                 },
+                Norm::Linf,
                 9,
             )?;
             // Per image.
@@ -89,7 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     TensorData::new(xs[i * d..(i + 1) * d].to_vec(), [1, 3, s, s]),
                     &dev,
                 );
-                let r = deepfool::deepfool(&model, &xi, true, &cfg)?;
+                let r = deepfool::deepfool(&model, &xi, true, &cfg, Norm::Linf)?;
                 per.r.extend(r.r);
                 per.converged.extend(r.converged);
                 per.iterations.extend(r.iterations);
@@ -107,7 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             for gr in rows {
                 let t0 = Instant::now();
-                let res = deepfool::deepfool_chunked(&model, &x, true, &cfg, gr)?;
+                let res = deepfool::deepfool_chunked(&model, &x, true, &cfg, Norm::Linf, gr)?;
                 let mut v = summary(
                     &format!("batched_rows_{gr}"),
                     &res,

@@ -79,6 +79,103 @@ fn sgd_respects_budgets_and_repeats_from_its_seed() {
 }
 
 #[test]
+fn targeted_margin_and_restarts_are_recorded_and_measured() {
+    let data = foolbox();
+    let dir = common::scratch("attacks_targeted");
+    let d = data.to_str().unwrap();
+    let t = dir.join("targeted.safetensors");
+    let v = run_attack(&[
+        "attack",
+        "sgd",
+        "--data",
+        d,
+        "--target",
+        "1",
+        "--epochs",
+        "2",
+        "--holdout",
+        "4",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        t.to_str().unwrap(),
+    ]);
+    assert_eq!(v["params"]["target"], 1);
+    let s = v["params"]["holdout_targeted_success_rate"]
+        .as_f64()
+        .expect("success rate");
+    assert!((0.0..=1.0).contains(&s));
+    assert!(
+        v["fooling_rate"].is_null(),
+        "a targeted run reports its success rate instead"
+    );
+    // eval reports the targeted success rate of a targeted perturbation.
+    let o = sfr_cmd()
+        .args([
+            "eval",
+            "--data",
+            d,
+            "-p",
+            t.to_str().unwrap(),
+            "--json",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["target_class"], 1);
+    let r = e["targeted_success_rate"]
+        .as_f64()
+        .expect("targeted success rate");
+    assert!((0.0..=1.0).contains(&r));
+    // Margin loss, random start, two restarts: the kept one is the best on the held-out slice.
+    let m = dir.join("margin.safetensors");
+    let v = run_attack(&[
+        "attack",
+        "sgd",
+        "--data",
+        d,
+        "--loss",
+        "margin",
+        "--random-start",
+        "--restarts",
+        "2",
+        "--epochs",
+        "1",
+        "--holdout",
+        "4",
+        "--batch-size",
+        "8",
+        "--seed",
+        "5",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    assert_eq!(v["params"]["loss"], "margin");
+    let per: Vec<f64> = v["params"]["holdout_fooling_rate_per_restart"]
+        .as_array()
+        .expect("per-restart figures")
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 2);
+    let best = per.iter().cloned().fold(f64::MIN, f64::max);
+    assert_eq!(v["fooling_rate"].as_f64(), Some(best));
+    let seed = v["params"]["best_seed"].as_u64().unwrap();
+    assert_eq!(per[(seed - 5) as usize], best);
+    // A random start moves every pixel: no zero left in the perturbation.
+    let p = Perturbation::load(&m).unwrap();
+    assert!(p.data.iter().filter(|x| **x == 0.0).count() < p.data.len() / 100);
+    assert!(
+        !dir.join("margin.safetensors.ckpt.restart1").exists(),
+        "restart checkpoints are removed"
+    );
+}
+
+#[test]
 fn killed_sgd_resumes_to_the_same_result() {
     let data = foolbox();
     let dir = common::scratch("attacks_resume");

@@ -432,3 +432,100 @@ fn defend_refuses_impossible_training_parameters() {
     );
     assert!(!out.exists(), "nothing written on a refused run");
 }
+
+#[test]
+fn targeted_attack_and_hardening_refuse_bad_input() {
+    let d = dir("targeted");
+    let out = d.join("t.safetensors");
+    let o = sfr(&[
+        "attack",
+        "sgd",
+        "--weights",
+        &mobilenet(),
+        "--target",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["--target", "class 1000 does not exist", "0–999"]);
+    let o = sfr(&[
+        "attack",
+        "deepfool",
+        "--weights",
+        &mobilenet(),
+        "--target",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["--target", "sfr attack sgd"]);
+    assert!(!out.exists(), "no file for a refused run");
+    // A retraining round with no defence file.
+    let uap = d.join("u.safetensors");
+    flat_perturbation(&uap);
+    let missing = d.join("missing_defense.safetensors");
+    let o = sfr(&[
+        "harden",
+        "--weights",
+        &mobilenet(),
+        "--defense",
+        missing.to_str().unwrap(),
+        "--uap",
+        uap.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--test",
+        d.to_str().unwrap(),
+        "--out-dir",
+        d.join("h").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(
+        &o,
+        &[
+            "--defense",
+            "missing_defense.safetensors",
+            "no such file",
+            "sfr defend",
+        ],
+    );
+    // A file that is not a defence.
+    let o = sfr(&[
+        "harden",
+        "--weights",
+        &mobilenet(),
+        "--defense",
+        uap.to_str().unwrap(),
+        "--uap",
+        uap.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--test",
+        d.to_str().unwrap(),
+        "--out-dir",
+        d.join("h").to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["reading the defence", "u.safetensors"]);
+    let o = sfr(&[
+        "harden",
+        "--weights",
+        &mobilenet(),
+        "--defense",
+        uap.to_str().unwrap(),
+        "--uap",
+        uap.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--test",
+        d.to_str().unwrap(),
+        "--out-dir",
+        d.join("h").to_str().unwrap(),
+        "--rounds",
+        "0",
+        "--quiet",
+    ]);
+    assert_error(&o, &["--rounds"]);
+}

@@ -50,7 +50,7 @@ fn deepfool_flips_the_label_with_a_small_step() {
     let x = images(&[0]);
     let s = m.spec().input_size;
     let cfg = DeepFoolConfig::default();
-    let res = deepfool::deepfool(m, &x, true, &cfg).expect("deepfool");
+    let res = deepfool::deepfool(m, &x, true, &cfg, Norm::L2).expect("deepfool");
     assert_eq!(res.r.len(), 1);
     assert!(
         res.converged[0],
@@ -78,10 +78,43 @@ fn deepfool_flips_the_label_with_a_small_step() {
             max_iter: res.iterations[0] - 1,
             ..cfg
         };
-        let res2 = deepfool::deepfool(m, &images(&[0]), true, &short).unwrap();
+        let res2 = deepfool::deepfool(m, &images(&[0]), true, &short, Norm::L2).unwrap();
         assert!(!res2.converged[0]);
         assert_eq!(res2.final_labels[0], clean);
     }
+}
+
+#[test]
+fn linf_deepfool_takes_sign_steps_and_flips_the_label() {
+    let m = model();
+    let x = images(&[0]);
+    let s = m.spec().input_size;
+    let cfg = DeepFoolConfig::default();
+    let res = deepfool::deepfool(m, &x, true, &cfg, Norm::Linf).expect("deepfool");
+    assert!(res.converged[0], "ℓ∞ DeepFool did not converge");
+    // Every step is a multiple of a sign vector, so (for one iteration) every pixel moves by the
+    // same amount; over several iterations the magnitudes take at most 2^iterations values.
+    let r = &res.r[0];
+    let mut mags: Vec<f32> = r.iter().map(|v| v.abs()).collect();
+    mags.sort_by(f32::total_cmp);
+    mags.dedup_by(|a, b| (*a - *b).abs() <= 1e-5 * b.max(1e-6));
+    assert!(
+        mags.len() <= (1 << res.iterations[0]) + 1,
+        "{} distinct step magnitudes after {} iterations",
+        mags.len(),
+        res.iterations[0]
+    );
+    let linf = r.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(linf > 0.0 && linf < 10.0, "‖r‖∞ = {linf}");
+    let rt = Tensor::<4>::from_data(TensorData::new(r.clone(), [1, 3, s, s]), m.device());
+    let clean = res.labels[0];
+    let adv =
+        argmax(&logits_rows(m.forward_pixels((x + rt).clamp(0.0, 255.0), &mut NoTap)).unwrap()[0]);
+    assert_ne!(adv, clean, "x + r keeps the clean label {clean}");
+    // The ℓ2 geometry (the UAP paper's DeepFool) needs a larger ℓ∞ step for the same flip.
+    let l2res = deepfool::deepfool(m, &images(&[0]), true, &cfg, Norm::L2).unwrap();
+    let l2inf = l2res.r[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(linf < l2inf, "ℓ∞ step {linf} vs ℓ2 step's ℓ∞ {l2inf}");
 }
 
 #[test]
@@ -92,11 +125,12 @@ fn batched_deepfool_equals_image_by_image() {
         candidates: 5,
         ..DeepFoolConfig::default()
     };
-    let batched = deepfool::deepfool(m, &images(&idx), true, &cfg).expect("batched");
+    let batched = deepfool::deepfool(m, &images(&idx), true, &cfg, Norm::Linf).expect("batched");
     // Several rows chunks must give the same steps too.
-    let chunked = deepfool::deepfool_chunked(m, &images(&idx), true, &cfg, 5).expect("chunked");
+    let chunked =
+        deepfool::deepfool_chunked(m, &images(&idx), true, &cfg, Norm::Linf, 5).expect("chunked");
     for (k, &i) in idx.iter().enumerate() {
-        let one = deepfool::deepfool(m, &images(&[i]), true, &cfg).expect("single");
+        let one = deepfool::deepfool(m, &images(&[i]), true, &cfg, Norm::Linf).expect("single");
         for other in [&batched, &chunked] {
             assert_eq!(other.converged[k], one.converged[0], "image {i}");
             assert_eq!(other.iterations[k], one.iterations[0], "image {i}");
@@ -267,7 +301,7 @@ fn impossible_parameters_are_refused() {
         candidates: 1001,
         ..d
     };
-    let e = deepfool::deepfool(model(), &images(&[0]), true, &too_many)
+    let e = deepfool::deepfool(model(), &images(&[0]), true, &too_many, Norm::Linf)
         .expect_err("1001 candidates of 1000 classes");
     assert!(e.to_string().contains("1000"), "{e}");
 }

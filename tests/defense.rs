@@ -374,6 +374,54 @@ fn gradients_reach_the_input_through_the_defence() {
 }
 
 #[test]
+fn straight_through_gradient_skips_the_units_but_not_their_forward() {
+    // BPDA: the forward pass is the defended network's; the backward pass treats each
+    // regenerated site as the identity, so it differs from the exact gradient through the units.
+    use sfr::classifier::{Classifier, FruGradient};
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let run = |c: &Classifier| -> (Vec<f32>, Vec<f32>) {
+        let xa = x.clone().autodiff().require_grad();
+        let logits = c.logits_grad(xa.clone());
+        let values = logits
+            .clone()
+            .detach()
+            .inner()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let loss = logits.clone().sum_dim(1).mean() + logits.max_dim(1).mean();
+        let g = loss.backward();
+        let g = xa
+            .grad(&g)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        (values, g)
+    };
+    let mut d = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    let w4 = d.frus.units[0].w4.val();
+    d.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.05));
+    let (exact_logits, exact) = run(&Classifier::defended(&model, &d).unwrap());
+    let (st_logits, st) =
+        run(&Classifier::defended_with(&model, &d, FruGradient::StraightThrough).unwrap());
+    let (plain_logits, _) = run(&Classifier::plain(&model));
+    assert!(common::max_abs_diff(&exact_logits, &st_logits) <= 1e-5);
+    assert!(
+        common::max_abs_diff(&exact_logits, &plain_logits) > 1e-3,
+        "the units act"
+    );
+    let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(st.iter().any(|v| *v != 0.0));
+    assert!(
+        common::max_abs_diff(&exact, &st) > 1e-3 * scale,
+        "straight-through equals the exact gradient: the units were not skipped"
+    );
+}
+
+#[test]
 fn label_free_losses_train_the_units_on_unlabelled_images() {
     let model = mobilenet();
     let dev = model.device().clone();

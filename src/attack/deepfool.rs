@@ -68,6 +68,20 @@ pub struct DeepFoolConfig {
     pub per_image: bool,
     /// Visit only the first this many images of each shuffled pass (None: all).
     pub max_images_per_pass: Option<usize>,
+    /// The norm in which DeepFool's step is minimal.
+    pub step_norm: StepNorm,
+}
+
+/// The geometry of DeepFool's step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StepNorm {
+    /// ℓ2-minimal steps, r = |f'_k|/‖w_k‖₂² · w_k (the UAP paper's DeepFool, for every budget).
+    L2,
+    /// Minimal in the budget's own norm (DeepFool's ℓp extension): for an ℓ∞ budget
+    /// r = |f'_k|/‖w_k‖₁ · sign(w_k), k minimising |f'_k|/‖w_k‖₁; for ℓ2 the same as `L2`.
+    #[default]
+    Budget,
 }
 
 impl Default for DeepFoolConfig {
@@ -80,6 +94,7 @@ impl Default for DeepFoolConfig {
             max_passes: 10,
             per_image: false,
             max_images_per_pass: None,
+            step_norm: StepNorm::Budget,
         }
     }
 }
@@ -143,7 +158,8 @@ impl DeepFoolConfig {
                 self.delta,
                 self.max_passes,
                 self.per_image,
-                self.max_images_per_pass
+                self.max_images_per_pass,
+                self.step_norm
             ),
         )
     }
@@ -173,15 +189,17 @@ pub fn default_grad_rows(_n: usize, cfg: &DeepFoolConfig) -> usize {
     cfg.candidates.saturating_sub(1).max(8)
 }
 
-/// DeepFool on every image of `x` (`[n, 3, h, w]`, 0–255 pixels, x+v for UAP) at once.
+/// DeepFool on every image of `x` (`[n, 3, h, w]`, 0–255 pixels, x+v for UAP) at once; `budget`
+/// is the norm of the UAP's budget, which [`StepNorm::Budget`] follows.
 pub fn deepfool(
     model: &Model,
     x: &Tensor<4>,
     clip: bool,
     cfg: &DeepFoolConfig,
+    budget: Norm,
 ) -> Result<DeepFoolResult> {
     let n = x.dims()[0];
-    deepfool_chunked(model, x, clip, cfg, default_grad_rows(n, cfg))
+    deepfool_chunked(model, x, clip, cfg, budget, default_grad_rows(n, cfg))
 }
 
 fn values(t: Tensor<4>, what: &str) -> Result<Vec<f32>> {
@@ -196,9 +214,12 @@ pub fn deepfool_chunked(
     x: &Tensor<4>,
     clip: bool,
     cfg: &DeepFoolConfig,
+    budget: Norm,
     grad_rows: usize,
 ) -> Result<DeepFoolResult> {
     cfg.validate()?;
+    // ℓ∞-minimal steps: distances |f'|/‖w‖₁ and steps along sign(w).
+    let linf = cfg.step_norm == StepNorm::Budget && budget == Norm::Linf;
     let [n, c, h, w] = x.dims();
     let d = c * h * w;
     let dev = model.device().clone();
@@ -306,11 +327,14 @@ pub fn deepfool_chunked(
                 let p = still_pos[a];
                 let wk = &g[q * d..(q + 1) * d];
                 let fk = rows[p][cands[i][j]] - rows[p][labels[i]];
-                let nrm = wk
-                    .iter()
-                    .map(|v| (*v as f64) * (*v as f64))
-                    .sum::<f64>()
-                    .sqrt() as f32;
+                let nrm = if linf {
+                    wk.iter().map(|v| v.abs() as f64).sum::<f64>() as f32
+                } else {
+                    wk.iter()
+                        .map(|v| (*v as f64) * (*v as f64))
+                        .sum::<f64>()
+                        .sqrt() as f32
+                };
                 let pert = fk.abs() / nrm;
                 if !(pert.is_finite() && nrm > 0.0) {
                     continue;
@@ -327,9 +351,22 @@ pub fn deepfool_chunked(
             let Some((pert, wk, nrm)) = best[a].take() else {
                 continue;
             };
-            let f = (pert + 1e-4) / nrm;
-            for (rt, v) in r_tot[i].iter_mut().zip(&wk) {
-                *rt += f * v;
+            if linf {
+                let f = pert + 1e-4;
+                for (rt, v) in r_tot[i].iter_mut().zip(&wk) {
+                    *rt += if *v > 0.0 {
+                        f
+                    } else if *v < 0.0 {
+                        -f
+                    } else {
+                        0.0
+                    };
+                }
+            } else {
+                let f = (pert + 1e-4) / nrm;
+                for (rt, v) in r_tot[i].iter_mut().zip(&wk) {
+                    *rt += f * v;
+                }
             }
             iterations[i] = iter + 1;
             next.push(i);
@@ -538,7 +575,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
             }
             if taken > 0 {
                 let x0 = Tensor::<4>::from_data(TensorData::new(pix, [taken, 3, size, size]), &dev);
-                let res = deepfool(model, &x0, ctx.clip, cfg)?;
+                let res = deepfool(model, &x0, ctx.clip, cfg, ctx.norm)?;
                 rec.deepfooled += taken;
                 for (i, r) in res.r.iter().enumerate() {
                     iter_sum += res.iterations[i];
@@ -626,6 +663,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
             "per_image": cfg.per_image,
             "batch": batch,
             "max_images_per_pass": cfg.max_images_per_pass,
+            "step_norm": cfg.step_norm,
             "passes_run": pass,
             "stop_reason": stop,
             "train_fooling_rate": last.map(|r| r.train_fooling_rate),

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 /// The classifier an attack runs through (the bare network or the defended one).
 pub use crate::classifier::Classifier as Target;
-use crate::classifier::{Classifier, Plant};
+use crate::classifier::{Classifier, FruGradient, Plant};
 pub use crate::classifier::{argmax, clean_predictions, fooling_rate};
 use crate::data::Dataset;
 pub use crate::data::epoch_order;
@@ -75,8 +75,13 @@ pub struct RunContext<'a> {
 impl<'a> RunContext<'a> {
     /// What the attack differentiates through: the bare network, or the defended one.
     pub fn target(&self) -> Result<Classifier<'a>> {
+        self.target_with(FruGradient::Exact)
+    }
+
+    /// [`RunContext::target`] with the given gradient through the defence's units.
+    pub fn target_with(&self, gradient: FruGradient) -> Result<Classifier<'a>> {
         match self.defense {
-            Some(d) => Classifier::defended(self.model, d),
+            Some(d) => Classifier::defended_with(self.model, d, gradient),
             None => Ok(Classifier::plain(self.model)),
         }
     }

@@ -2,15 +2,22 @@
 //! mini-batch; loss = mean over the batch of min(CE(f(x+δ), ŷ), β) with ŷ the clean prediction
 //! (clamping stops already-fooled images from dominating); ℓ∞: δ ← clip(δ + step·sign(∇δ), ±ξ);
 //! ℓ2: δ ← proj(δ + step·ξ·∇δ/‖∇δ‖₂); the step decays geometrically per epoch.
+//!
+//! Options a stronger or a different attacker needs: a margin (CW-style) loss in place of the
+//! cross-entropy, a random start, restarts from several seeds keeping the best on the held-out
+//! slice, and targeted UAPs (`target`: one δ that sends images to a chosen class; the loss is
+//! then the target's log-probability, or its logit margin, and the held-out figure the targeted
+//! success rate).
 
 use burn::tensor::{Tensor, TensorData};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
     Progress, RunContext, ascent_step, base_meta, finish, load_checkpoint, save_checkpoint,
     tensor_values,
 };
+use crate::classifier::FruGradient;
 use crate::classifier::{clean_predictions, fooling_rate, label_tensor, load_batch};
 use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
@@ -27,8 +34,31 @@ pub struct SgdConfig {
     pub decay: f64,
     /// Cross-entropy clamp β.
     pub beta: f64,
-    /// Stop once the held-out fooling rate reaches this (checked after each epoch).
+    /// Stop once the held-out fooling rate (targeted: success rate) reaches this (checked after
+    /// each epoch).
     pub target_fooling_rate: f64,
+    /// The loss ascended.
+    pub loss: SgdLoss,
+    /// Targeted UAP: send images to this class.
+    pub target: Option<usize>,
+    /// Start from uniform noise in the ξ-ball's bounding box instead of δ = 0.
+    pub random_start: bool,
+    /// Runs from seeds seed, seed+1, …; the best on the held-out slice is kept.
+    pub restarts: usize,
+    /// Through a defence: how the gradient passes its units (straight through: BPDA).
+    pub fru_gradient: FruGradient,
+}
+
+/// The loss SGD-UAP ascends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SgdLoss {
+    /// min(CE(f(x+δ), y), β) (targeted: −CE(f(x+δ), t)).
+    #[default]
+    Ce,
+    /// CW margin: min(max_{k≠y} z_k − z_y, β) on the logits z (targeted:
+    /// min(z_t − max_{k≠t} z_k, β)).
+    Margin,
 }
 
 impl Default for SgdConfig {
@@ -39,6 +69,11 @@ impl Default for SgdConfig {
             decay: 0.8,
             beta: 10.0,
             target_fooling_rate: 1.0,
+            loss: SgdLoss::Ce,
+            target: None,
+            random_start: false,
+            restarts: 1,
+            fru_gradient: FruGradient::Exact,
         }
     }
 }
@@ -73,43 +108,238 @@ impl SgdConfig {
                 "must be in [0, 1]",
             ));
         }
+        if self.restarts == 0 {
+            return Err(SfrError::param("--restarts", "must be at least 1"));
+        }
         Ok(())
     }
 
-    fn fingerprint(&self, ctx: &RunContext) -> String {
+    /// Fail when the target class is not one of the model's.
+    pub fn check_target(&self, classes: usize) -> Result<()> {
+        match self.target {
+            Some(t) if t >= classes => Err(SfrError::param(
+                "--target",
+                format!(
+                    "class {t} does not exist: the model has classes 0–{}",
+                    classes - 1
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn fingerprint(&self, ctx: &RunContext, seed: u64) -> String {
         format!(
-            "sgd|{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
+            "sgd|{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}|{:?}",
             ctx.model.spec().name,
             ctx.defense
                 .map(|d| format!("through defence {}", d.id()))
                 .unwrap_or_default(),
             ctx.norm,
             ctx.eps,
-            ctx.seed,
+            seed,
             ctx.batch_size,
             ctx.train.samples.len(),
             ctx.clip,
             (self.step, self.decay, self.beta),
-            self.epochs
+            self.epochs,
+            (self.loss, self.target, self.random_start, self.fru_gradient)
         )
     }
 }
 
-/// Run SGD-UAP.
+/// The number of classes `model` scores (one forward pass of a blank image).
+fn classes(ctx: &RunContext) -> Result<usize> {
+    let s = ctx.model.spec().input_size;
+    let z = Tensor::<4>::zeros([1, 3, s, s], ctx.model.device());
+    Ok(ctx.target()?.logits(z).dims()[1])
+}
+
+/// One restart's outcome.
+struct Outcome {
+    delta: Vec<f32>,
+    /// Held-out fooling rate (targeted: success rate).
+    score: Option<f64>,
+    epochs_run: usize,
+}
+
+/// Run SGD-UAP (`restarts` runs from consecutive seeds; the best on the held-out slice is kept).
 pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     cfg.validate()?;
     perturbation::check_eps(ctx.norm, ctx.eps)?;
+    cfg.check_target(classes(ctx)?)?;
+    if cfg.restarts > 1 && ctx.holdout.samples.is_empty() {
+        return Err(SfrError::param(
+            "--restarts",
+            "restarts keep the best on the held-out slice, and there is none (--holdout 0)",
+        ));
+    }
+    let size = ctx.model.spec().input_size;
+    let mut best: Option<(u64, Outcome)> = None;
+    let mut scores = Vec::new();
+    for r in 0..cfg.restarts {
+        let seed = ctx.seed.wrapping_add(r as u64);
+        // Restart k > 0 checkpoints next to the first one, so a resumed run skips finished ones.
+        let ckpt = ctx.checkpoint.as_ref().map(|p| {
+            if r == 0 {
+                p.clone()
+            } else {
+                let mut s = p.as_os_str().to_owned();
+                s.push(format!(".restart{r}"));
+                s.into()
+            }
+        });
+        let out = run_once(cfg, ctx, seed, ckpt.as_deref(), r)?;
+        scores.push(out.score);
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| out.score.unwrap_or(-1.0) > b.score.unwrap_or(-1.0))
+        {
+            best = Some((seed, out));
+        }
+    }
+    let (seed, best) = best.expect("at least one restart");
+    let holdout_key = if cfg.target.is_some() {
+        "holdout_targeted_success_rate"
+    } else {
+        "holdout_fooling_rate"
+    };
+    let mut meta = base_meta(
+        ctx,
+        "sgd",
+        json!({
+            "epochs": cfg.epochs,
+            "epochs_run": best.epochs_run,
+            "step": cfg.step,
+            "decay": cfg.decay,
+            "beta": cfg.beta,
+            "loss": cfg.loss,
+            "target": cfg.target,
+            "random_start": cfg.random_start,
+            "restarts": cfg.restarts,
+            "fru_gradient": match cfg.fru_gradient {
+                FruGradient::Exact => "exact",
+                FruGradient::StraightThrough => "straight-through (BPDA)",
+            },
+            "restart_seeds_from": ctx.seed,
+            "best_seed": seed,
+            format!("{holdout_key}_per_restart"): scores,
+            "batch_size": ctx.batch_size,
+            "target_fooling_rate": cfg.target_fooling_rate,
+            "labels": "clean predictions",
+        }),
+    );
+    if cfg.target.is_some() {
+        meta.params["holdout_targeted_success_rate"] = json!(best.score);
+        meta.params["targeted_success_rate_definition"] = json!(
+            "fraction of held-out images whose clean prediction is not the target that the perturbation sends to the target"
+        );
+        meta.fooling_rate = None;
+    } else {
+        meta.fooling_rate = best.score;
+    }
+    meta.fooling_rate_n = Some(ctx.holdout.samples.len());
+    finish(best.delta, size, meta)
+}
+
+/// The per-image objective ascended, `[n, 1]`.
+fn objective(cfg: &SgdConfig, logits: Tensor<2>, labels: &[usize]) -> Tensor<2> {
+    let adev = logits.device();
+    let [n, k] = logits.dims();
+    // The class whose score the loss is about: the clean label (untargeted) or the target.
+    let cls: Vec<usize> = match cfg.target {
+        Some(t) => vec![t; n],
+        None => labels.to_vec(),
+    };
+    let y = label_tensor(&cls, &adev);
+    let sign = if cfg.target.is_some() { -1.0 } else { 1.0 };
+    match cfg.loss {
+        SgdLoss::Ce => {
+            let ce = burn::tensor::activation::log_softmax(logits, 1)
+                .gather(1, y)
+                .neg();
+            if cfg.target.is_some() {
+                ce.neg()
+            } else {
+                ce.clamp_max(cfg.beta)
+            }
+        }
+        SgdLoss::Margin => {
+            let mut onehot = vec![0f32; n * k];
+            for (i, &c) in cls.iter().enumerate() {
+                onehot[i * k + c] = 1e9;
+            }
+            let mask = Tensor::<2>::from_data(TensorData::new(onehot, [n, k]), &adev);
+            let zy = logits.clone().gather(1, y);
+            let other = (logits - mask).max_dim(1);
+            // Untargeted: best other class over the label; targeted: the target over the best other.
+            (other - zy).mul_scalar(sign).clamp_max(cfg.beta)
+        }
+    }
+}
+
+/// Held-out score of `delta`: the fooling rate, or (targeted) the success rate.
+fn score(
+    cfg: &SgdConfig,
+    ctx: &RunContext,
+    clean_hold: &[Option<usize>],
+    delta: &[f32],
+) -> Result<Option<f64>> {
+    let hold = &ctx.holdout.samples;
+    if hold.is_empty() {
+        return Ok(None);
+    }
+    let size = ctx.model.spec().input_size;
+    let dt: Tensor<4> = Tensor::from_data(
+        TensorData::new(delta.to_vec(), [1, 3, size, size]),
+        ctx.model.device(),
+    );
+    let target = ctx.target()?;
+    Ok(Some(match cfg.target {
+        Some(t) => {
+            crate::classifier::targeted_success_rate(
+                &target,
+                hold,
+                clean_hold,
+                &dt,
+                t,
+                ctx.clip,
+                ctx.batch_size,
+            )?
+            .0
+        }
+        None => fooling_rate(&target, hold, clean_hold, &dt, ctx.clip, ctx.batch_size)?,
+    }))
+}
+
+fn run_once(
+    cfg: &SgdConfig,
+    ctx: &mut RunContext,
+    seed: u64,
+    checkpoint: Option<&std::path::Path>,
+    restart: usize,
+) -> Result<Outcome> {
     let model = ctx.model;
     let size = model.spec().input_size;
     let dev = model.device().clone();
     let adev = dev.clone().autodiff();
-    let fp = cfg.fingerprint(ctx);
-    let target = ctx.target()?;
+    let fp = cfg.fingerprint(ctx, seed);
+    let target = ctx.target_with(cfg.fru_gradient)?;
 
     let mut delta = vec![0f32; 3 * size * size];
+    if cfg.random_start {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7261_6e64);
+        let e = ctx.eps as f32;
+        for d in delta.iter_mut() {
+            *d = rng.random_range(-e..=e);
+        }
+        let t = Tensor::<4>::from_data(TensorData::new(delta, [1, 3, size, size]), &dev);
+        delta = tensor_values(perturbation::project(t, ctx.norm, ctx.eps))?;
+    }
     let mut start_epoch = 0;
     let mut holdout_fr = None;
-    if let (true, Some(path)) = (ctx.resume, &ctx.checkpoint)
+    if let (true, Some(path)) = (ctx.resume, checkpoint)
         && let Some(c) = load_checkpoint(path, &fp)?
     {
         delta = c.delta;
@@ -130,6 +360,11 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         })
     })?;
     let clean_hold = clean_predictions(&target, hold, bs, |_| {})?;
+    let label = if cfg.restarts > 1 {
+        format!("restart {}/{}, ", restart + 1, cfg.restarts)
+    } else {
+        String::new()
+    };
 
     let mut epochs_run = start_epoch;
     for epoch in start_epoch..cfg.epochs {
@@ -137,19 +372,21 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
             break;
         }
         let step = cfg.step * ctx.eps * cfg.decay.powi(epoch as i32);
-        let order = epoch_order(train.len(), ctx.seed, epoch);
+        let order = epoch_order(train.len(), seed, epoch);
         let mut done = 0;
         for idx in order.chunks(bs) {
             let samples: Vec<_> = idx.iter().map(|&i| train[i].clone()).collect();
             let (batch, _) = load_batch(model, &samples, false)?;
             done += idx.len();
             let Some(b) = batch else { continue };
-            // Labels: the clean prediction of each image that loaded.
+            // Labels: the clean prediction of each image that loaded (targeted: images already
+            // predicted as the target are left out).
             let mut labels = Vec::new();
             let mut keep = Vec::new();
             for (row, s) in b.samples.iter().enumerate() {
                 if let Some(pos) = samples.iter().position(|t| t.path == s.path)
                     && let Some(l) = clean_train[idx[pos]]
+                    && cfg.target != Some(l)
                 {
                     labels.push(l);
                     keep.push(row as i64);
@@ -168,10 +405,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                     .require_grad();
             let xp = perturbation::apply(x.autodiff(), d.clone(), ctx.clip);
             let logits = target.logits_grad(xp);
-            let logp = burn::tensor::activation::log_softmax(logits, 1);
-            let y = label_tensor(&labels, &adev);
-            let ce = logp.gather(1, y).neg().clamp_max(cfg.beta);
-            let loss = ce.mean();
+            let loss = objective(cfg, logits, &labels).mean();
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             let grads = loss.backward();
             let g = d
@@ -181,25 +415,23 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
             delta = tensor_values(ascent_step(cur, g, ctx.norm, step, ctx.eps))?;
             (ctx.progress)(&Progress {
-                phase: format!("epoch {}/{}", epoch + 1, cfg.epochs),
+                phase: format!("{label}epoch {}/{}", epoch + 1, cfg.epochs),
                 done,
                 total: train.len(),
                 loss: Some(loss_value),
                 holdout_fooling_rate: holdout_fr,
             });
         }
-        let dt: Tensor<4> =
-            Tensor::from_data(TensorData::new(delta.clone(), [1, 3, size, size]), &dev);
-        holdout_fr = Some(fooling_rate(&target, hold, &clean_hold, &dt, ctx.clip, bs)?);
+        holdout_fr = score(cfg, ctx, &clean_hold, &delta)?;
         epochs_run = epoch + 1;
         (ctx.progress)(&Progress {
-            phase: format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            phase: format!("{label}epoch {}/{}", epoch + 1, cfg.epochs),
             done: train.len(),
             total: train.len(),
             loss: None,
             holdout_fooling_rate: holdout_fr,
         });
-        if let Some(path) = &ctx.checkpoint {
+        if let Some(path) = checkpoint {
             save_checkpoint(
                 path,
                 &super::Checkpoint {
@@ -213,21 +445,12 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
             )?;
         }
     }
-    let mut meta = base_meta(
-        ctx,
-        "sgd",
-        json!({
-            "epochs": cfg.epochs,
-            "epochs_run": epochs_run,
-            "step": cfg.step,
-            "decay": cfg.decay,
-            "beta": cfg.beta,
-            "batch_size": ctx.batch_size,
-            "target_fooling_rate": cfg.target_fooling_rate,
-            "labels": "clean predictions",
-        }),
-    );
-    meta.fooling_rate = holdout_fr;
-    meta.fooling_rate_n = Some(hold.len());
-    finish(delta, size, meta)
+    if holdout_fr.is_none() {
+        holdout_fr = score(cfg, ctx, &clean_hold, &delta)?;
+    }
+    Ok(Outcome {
+        delta,
+        score: holdout_fr,
+        epochs_run,
+    })
 }

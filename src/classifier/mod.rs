@@ -56,6 +56,33 @@ struct FrozenDefense {
     grad: FruSet,
     placements: Vec<Placement>,
     stats: BnStats,
+    straight_through: bool,
+}
+
+/// How gradients pass the FRUs of a defended classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FruGradient {
+    /// Through the units (the exact gradient of the defended network).
+    #[default]
+    Exact,
+    /// Straight through (BPDA): forward with the units, backward as if each regenerated site
+    /// were the identity, i.e. the bare network's gradient at the defended activations.
+    StraightThrough,
+}
+
+/// A tap that regenerates in the forward pass and is the identity in the backward pass.
+struct StraightThrough<'t, 'a>(&'t mut Regenerate<'a>);
+
+impl crate::zoo::Tap for StraightThrough<'_, '_> {
+    fn wants(&self, site: &str) -> bool {
+        self.0.wants(site)
+    }
+
+    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
+        let y = self.0.visit(site, x.clone());
+        x.clone() + (y - x).detach()
+    }
 }
 
 impl<'a> Classifier<'a> {
@@ -70,6 +97,15 @@ impl<'a> Classifier<'a> {
     /// The network with `defense`'s units in place (inference mode; the units get no
     /// gradients).
     pub fn defended(model: &'a Model, defense: &dyn Plant) -> Result<Self> {
+        Self::defended_with(model, defense, FruGradient::Exact)
+    }
+
+    /// [`Classifier::defended`] with the given gradient through the units.
+    pub fn defended_with(
+        model: &'a Model,
+        defense: &dyn Plant,
+        gradient: FruGradient,
+    ) -> Result<Self> {
         let p = defense.plant(model)?;
         let adev = model.device().clone().autodiff();
         Ok(Classifier {
@@ -79,6 +115,7 @@ impl<'a> Classifier<'a> {
                 plain: p.frus,
                 placements: p.placements,
                 stats: p.stats,
+                straight_through: gradient == FruGradient::StraightThrough,
             }),
         })
     }
@@ -110,7 +147,12 @@ impl<'a> Classifier<'a> {
                     training: false,
                     visited: 0,
                 };
-                self.model.forward_pixels(pixels, &mut tap)
+                if grad && d.straight_through {
+                    self.model
+                        .forward_pixels(pixels, &mut StraightThrough(&mut tap))
+                } else {
+                    self.model.forward_pixels(pixels, &mut tap)
+                }
             }
         }
     }
@@ -188,6 +230,48 @@ pub fn fooling_rate(
         return Err(SfrError::NoImages("no held-out image could be read".into()));
     }
     Ok(fooled as f64 / n as f64)
+}
+
+/// Targeted success rate of `delta` on `samples`: of the readable images whose clean
+/// prediction (`clean`) is not `class`, the fraction the perturbation sends to `class`; with
+/// the number of such images.
+pub fn targeted_success_rate(
+    target: &Classifier,
+    samples: &[Sample],
+    clean: &[Option<usize>],
+    delta: &Tensor<4>,
+    class: usize,
+    clip: bool,
+    batch_size: usize,
+) -> Result<(f64, usize)> {
+    let mut hit = 0usize;
+    let mut n = 0usize;
+    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
+        let (batch, _) = load_batch(target.model, chunk, false)?;
+        let Some(b) = batch else { continue };
+        let x = perturbation::apply(b.pixels, delta.clone(), clip);
+        let rows = logits_rows(target.logits(x))?;
+        let mut k = 0;
+        for (j, s) in chunk.iter().enumerate() {
+            if k < b.samples.len() && b.samples[k].path == s.path {
+                if let Some(c) = clean[ci * batch_size + j]
+                    && c != class
+                {
+                    n += 1;
+                    if argmax(&rows[k]) == class {
+                        hit += 1;
+                    }
+                }
+                k += 1;
+            }
+        }
+    }
+    if n == 0 {
+        return Err(SfrError::NoImages(format!(
+            "no held-out image could be read whose clean prediction is not the target {class}"
+        )));
+    }
+    Ok((hit as f64 / n as f64, n))
 }
 
 /// Labels as an `[n, 1]` Int tensor.

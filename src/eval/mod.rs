@@ -67,6 +67,13 @@ pub struct AttackedReport {
     pub clip: bool,
     /// Seed of the per-image choice.
     pub seed: u64,
+    /// The class every perturbation targets (targeted UAPs; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_class: Option<usize>,
+    /// Targeted success rate: of the images whose clean prediction is not the target, the
+    /// fraction the perturbation sends to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targeted_success_rate: Option<f64>,
 }
 
 /// Results of the defended network (present when a defence was given).
@@ -83,6 +90,9 @@ pub struct DefendedReport {
     /// Restoration accuracy: (defended clean top-1 + defended perturbed top-1) / (2 · undefended
     /// clean top-1).
     pub restoration_accuracy: Option<f64>,
+    /// Targeted success rate on the defended network (targeted UAPs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defended_targeted_success_rate: Option<f64>,
 }
 
 /// The result of a clean evaluation.
@@ -158,6 +168,24 @@ pub fn evaluate(
             .collect();
         Some(Tensor::cat(ts, 0))
     };
+    // Targeted UAPs: the class, when every perturbation targets the same one.
+    let targets: Vec<Option<usize>> = perturbations
+        .iter()
+        .map(|(_, p)| {
+            p.meta
+                .params
+                .get("target")
+                .and_then(|t| t.as_u64())
+                .map(|t| t as usize)
+        })
+        .collect();
+    let target_class = match targets.first() {
+        Some(&Some(t)) if targets.iter().all(|x| *x == Some(t)) => Some(t),
+        _ => None,
+    };
+    // (sent to the target, eligible) for the bare and the defended network.
+    let mut hits = (0usize, 0usize);
+    let mut def_hits = (0usize, 0usize);
     let start = Instant::now();
     let mut acc = TopK::default();
     let mut adv = TopK::default();
@@ -214,6 +242,12 @@ pub fn evaluate(
                         if metrics::top_k(&ar[i], 1) != metrics::top_k(row, 1) {
                             fooled += 1;
                         }
+                        if let Some(t) = target_class
+                            && metrics::top_k(row, 1)[0] != t
+                        {
+                            hits.1 += 1;
+                            hits.0 += usize::from(metrics::top_k(&ar[i], 1)[0] == t);
+                        }
                     }
                     if let Some(dr) = &def_rows {
                         def_clean.add(&dr[i], label);
@@ -221,6 +255,12 @@ pub fn evaluate(
                             def_adv.add(&da[i], label);
                             if metrics::top_k(&da[i], 1) != metrics::top_k(&dr[i], 1) {
                                 def_fooled += 1;
+                            }
+                            if let Some(t) = target_class
+                                && metrics::top_k(&dr[i], 1)[0] != t
+                            {
+                                def_hits.1 += 1;
+                                def_hits.0 += usize::from(metrics::top_k(&da[i], 1)[0] == t);
                             }
                         }
                     }
@@ -250,6 +290,8 @@ pub fn evaluate(
         ),
         clip: opts.clip,
         seed: opts.seed,
+        target_class,
+        targeted_success_rate: target_class.map(|_| metrics::ratio(hits.0, hits.1)),
     });
     let defended = defense.map(|(name, _)| {
         let has_adv = def_adv.n > 0;
@@ -265,6 +307,8 @@ pub fn evaluate(
                     acc.top1_rate(),
                 )
             }),
+            defended_targeted_success_rate: (has_adv && target_class.is_some())
+                .then(|| metrics::ratio(def_hits.0, def_hits.1)),
         }
     });
     Ok(EvalReport {

@@ -8,10 +8,10 @@ use clap::Args;
 use serde_json::json;
 
 use sfr::attack::activations::{ActivationConfig, Objective, Prior};
-use sfr::attack::sgd::SgdConfig;
+use sfr::attack::sgd::{SgdConfig, SgdLoss};
 use sfr::attack::{self, RunContext};
 use sfr::defense::Defense;
-use sfr::perturbation::Norm;
+use sfr::perturbation::{Norm, Perturbation};
 
 use crate::common::*;
 
@@ -57,9 +57,22 @@ pub(crate) struct AttackArgs {
     /// sgd: cross-entropy clamp β.
     #[arg(long)]
     pub(crate) beta: Option<f64>,
-    /// sgd: stop once the held-out fooling rate reaches this.
+    /// sgd: stop once the held-out fooling rate (targeted: success rate) reaches this.
     #[arg(long)]
     pub(crate) target_fooling_rate: Option<f64>,
+    /// sgd: the loss ascended (`ce`: clamped cross-entropy; `margin`: CW logit margin,
+    /// clamped at β).
+    #[arg(long, value_enum, default_value_t = LossArg::Ce)]
+    pub(crate) loss: LossArg,
+    /// sgd: targeted UAP: send the images to this class (its index, 0–999 for ImageNet).
+    #[arg(long, value_name = "CLASS")]
+    pub(crate) target: Option<usize>,
+    /// sgd: start from uniform noise in [−ξ, ξ] instead of zero.
+    #[arg(long)]
+    pub(crate) random_start: bool,
+    /// sgd: runs from seeds SEED, SEED+1, …, keeping the best on the held-out slice.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) restarts: usize,
     /// fff, gduap: ascent iterations.
     #[arg(long)]
     pub(crate) iterations: Option<usize>,
@@ -90,16 +103,40 @@ pub(crate) struct AttackArgs {
     /// deepfool: visit at most this many images per pass.
     #[arg(long)]
     pub(crate) max_images_per_pass: Option<usize>,
+    /// deepfool: the norm DeepFool's step is minimal in (`l2`: the UAP paper's DeepFool;
+    /// `budget`: DeepFool's ℓp form in the budget's norm, sign steps for ℓ∞).
+    #[arg(long, value_enum, default_value_t = StepNormArg::Budget)]
+    pub(crate) step_norm: StepNormArg,
     /// The adaptive attack (sgd, random): attack the network with this `sfr defend` file in
     /// place, differentiating through its FRUs.
     #[arg(long)]
     pub(crate) defense: Option<PathBuf>,
+    /// sgd --defense: pass the gradient straight through the FRUs (BPDA: forward with the units,
+    /// backward as if each regenerated site were the identity).
+    #[arg(long, requires = "defense")]
+    pub(crate) straight_through: bool,
     /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
     #[arg(long)]
     pub(crate) resume: bool,
     /// Print the artefact's metadata as one JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LossArg {
+    /// min(CE, β) against the clean prediction (targeted: the target's log-probability).
+    Ce,
+    /// min(max_{k≠y} z_k − z_y, β) on the logits (targeted: the target's margin).
+    Margin,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StepNormArg {
+    /// ℓ2-minimal steps along ∇f_k − ∇f_l (the UAP paper's DeepFool).
+    L2,
+    /// Minimal in the budget's norm: for ℓ∞, steps along sign(∇f_k − ∇f_l).
+    Budget,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +154,44 @@ pub(crate) enum Method {
 }
 
 pub(crate) fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
+    let (json_out, out) = (a.json, a.out.clone());
+    let (p, seconds) = attack_run(a, quiet)?;
+    if json_out {
+        let mut v = serde_json::to_value(&p.meta)?;
+        v["file"] = json!(out);
+        v["seconds"] = json!(seconds);
+        v["linf"] = json!(p.linf());
+        v["l2"] = json!(p.l2());
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} ξ = {}, {:.1} s)",
+            out.display(),
+            p.meta.norm,
+            p.meta.eps,
+            seconds
+        );
+        if let Some(f) = p.meta.fooling_rate {
+            println!(
+                "held-out fooling rate {:.4} on {} images (top-1 label changed vs the clean prediction)",
+                f,
+                p.meta.fooling_rate_n.unwrap_or(0)
+            );
+        }
+        if let (Some(t), Some(f)) = (
+            p.meta.params.get("target").and_then(|v| v.as_u64()),
+            p.meta.params["holdout_targeted_success_rate"].as_f64(),
+        ) {
+            println!(
+                "held-out targeted success rate {f:.4} (images sent to class {t}, of those not predicted {t} clean)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Run the attack `a` describes and write its file; the perturbation and the seconds it took.
+pub(crate) fn attack_run(a: AttackArgs, quiet: bool) -> Result<(Perturbation, f64)> {
     // Validate everything cheap before loading anything.
     sfr::perturbation::check_eps(a.norm, a.eps)?;
     if a.out.exists() && a.out.is_dir() {
@@ -138,6 +213,19 @@ pub(crate) fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
     if let Some(v) = a.target_fooling_rate {
         sgd.target_fooling_rate = v;
     }
+    sgd.loss = match a.loss {
+        LossArg::Ce => SgdLoss::Ce,
+        LossArg::Margin => SgdLoss::Margin,
+    };
+    sgd.target = a.target;
+    sgd.random_start = a.random_start;
+    sgd.restarts = a.restarts;
+    if a.straight_through {
+        sgd.fru_gradient = sfr::classifier::FruGradient::StraightThrough;
+    }
+    if a.method != Method::Sgd && (a.target.is_some() || a.restarts != 1 || a.random_start) {
+        bail!("--target, --restarts and --random-start are options of `sfr attack sgd`");
+    }
     if a.method == Method::Sgd {
         sgd.validate()?;
     }
@@ -149,6 +237,10 @@ pub(crate) fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
         max_passes: a.max_passes,
         per_image: a.per_image,
         max_images_per_pass: a.max_images_per_pass,
+        step_norm: match a.step_norm {
+            StepNormArg::L2 => attack::deepfool::StepNorm::L2,
+            StepNormArg::Budget => attack::deepfool::StepNorm::Budget,
+        },
     };
     if a.method == Method::Deepfool {
         deepfool.validate()?;
@@ -250,28 +342,10 @@ pub(crate) fn attack_cmd(a: AttackArgs, quiet: bool) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     p.save(&a.out)?;
     let _ = std::fs::remove_file(&ckpt);
-    if a.json {
-        let mut v = serde_json::to_value(&p.meta)?;
-        v["file"] = json!(a.out);
-        v["seconds"] = json!(seconds);
-        v["linf"] = json!(p.linf());
-        v["l2"] = json!(p.l2());
-        println!("{}", serde_json::to_string(&v)?);
-    } else {
-        println!(
-            "wrote {} ({} ξ = {}, {:.1} s)",
-            a.out.display(),
-            p.meta.norm,
-            p.meta.eps,
-            seconds
-        );
-        if let Some(f) = p.meta.fooling_rate {
-            println!(
-                "held-out fooling rate {:.4} on {} images (top-1 label changed vs the clean prediction)",
-                f,
-                p.meta.fooling_rate_n.unwrap_or(0)
-            );
-        }
+    for r in 1..a.restarts {
+        let mut c = ckpt.clone().into_os_string();
+        c.push(format!(".restart{r}"));
+        let _ = std::fs::remove_file(c);
     }
-    Ok(())
+    Ok((p, seconds))
 }

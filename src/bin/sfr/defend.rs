@@ -90,6 +90,44 @@ pub(crate) struct DefendArgs {
 }
 
 pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
+    let (json_out, out) = (a.json, a.out.clone());
+    let (defense, history, val_n, seconds) = defend_run(a, quiet)?;
+    if json_out {
+        let mut v = serde_json::to_value(&defense.meta)?;
+        v["file"] = json!(out);
+        v["seconds"] = json!(seconds);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "wrote {} ({} FRUs at {}; {:.1} s)",
+            out.display(),
+            defense.meta.sites.len(),
+            defense.meta.sites.join(", "),
+            seconds
+        );
+        let selected = defense.meta.training["selected_epoch"]
+            .as_u64()
+            .map_or(history.len(), |e| e as usize);
+        if let Some(v) = selected.checked_sub(1).and_then(|i| history.get(i)) {
+            println!(
+                "kept epoch {selected} of {}; its validation ({val_n} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
+                history.len(),
+                v.baseline_clean_top1,
+                v.defended_clean_top1,
+                v.defended_perturbed_top1,
+                v.restoration_accuracy
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Train the defence `a` describes and write its file: the defence, each epoch's validation,
+/// the number of validation images and the seconds it took.
+pub(crate) fn defend_run(
+    a: DefendArgs,
+    quiet: bool,
+) -> Result<(Defense, Vec<sfr::defense::train::Validation>, usize, f64)> {
     let cfg = sfr::defense::train::TrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
@@ -192,34 +230,10 @@ pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
     pb.finish_and_clear();
     defense.save(&a.out)?;
     let _ = std::fs::remove_file(&ckpt);
-    let seconds = t0.elapsed().as_secs_f64();
-    if a.json {
-        let mut v = serde_json::to_value(&defense.meta)?;
-        v["file"] = json!(a.out);
-        v["seconds"] = json!(seconds);
-        println!("{}", serde_json::to_string(&v)?);
-    } else {
-        println!(
-            "wrote {} ({} FRUs at {}; {:.1} s)",
-            a.out.display(),
-            defense.meta.sites.len(),
-            defense.meta.sites.join(", "),
-            seconds
-        );
-        let selected = defense.meta.training["selected_epoch"]
-            .as_u64()
-            .map_or(history.len(), |e| e as usize);
-        if let Some(v) = selected.checked_sub(1).and_then(|i| history.get(i)) {
-            println!(
-                "kept epoch {selected} of {}; its validation ({} images): undefended clean top-1 {:.4}, defended clean {:.4}, defended perturbed {:.4}, restoration accuracy {:.4}",
-                history.len(),
-                val.samples.len(),
-                v.baseline_clean_top1,
-                v.defended_clean_top1,
-                v.defended_perturbed_top1,
-                v.restoration_accuracy
-            );
-        }
-    }
-    Ok(())
+    Ok((
+        defense,
+        history,
+        val.samples.len(),
+        t0.elapsed().as_secs_f64(),
+    ))
 }

@@ -123,6 +123,11 @@ pub(crate) fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
                 "restoration (none)  {:.4}  ((clean + perturbed top-1) / (2 · clean top-1), undefended)",
                 at.restoration_accuracy_baseline
             );
+            if let (Some(t), Some(r)) = (at.target_class, at.targeted_success_rate) {
+                println!(
+                    "targeted success    {r:.4}  (images sent to class {t}, of those not predicted {t} clean)"
+                );
+            }
         }
         if let Some(d) = &report.defended {
             println!("defence    {}", d.defense);
@@ -132,6 +137,9 @@ pub(crate) fn eval_cmd(a: EvalArgs, quiet: bool) -> Result<()> {
                 println!(
                     "restoration accuracy      {r:.4}  ((defended clean + defended perturbed top-1) / (2 · undefended clean top-1))"
                 );
+            }
+            if let Some(r) = d.defended_targeted_success_rate {
+                println!("defended targeted success {r:.4}");
             }
         }
         println!(

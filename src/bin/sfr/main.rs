@@ -8,6 +8,7 @@ mod defend;
 mod demo;
 mod eval;
 mod fetch;
+mod harden;
 mod models;
 mod perturbation;
 mod rank;
@@ -22,6 +23,7 @@ use defend::{DefendArgs, defend_cmd};
 use demo::{DemoArgs, demo_cmd};
 use eval::{EvalArgs, eval_cmd};
 use fetch::fetch_cmd;
+use harden::{HardenArgs, harden_cmd};
 use models::models;
 use perturbation::{PerturbationCmd, perturbation_cmd};
 use rank::{RankArgs, rank_cmd};
@@ -80,6 +82,9 @@ enum Cmd {
     Attack(Box<AttackArgs>),
     /// Train Feature Regeneration Units for a model (the backbone stays frozen).
     Defend(Box<DefendArgs>),
+    /// Rounds of adaptive attack → retrain the FRUs with those perturbations added → adaptive
+    /// attack again (the paper's answer to a white-box attacker), each round's figures reported.
+    Harden(Box<HardenArgs>),
     /// Rank each site's channels by the ℓ1 norm of their filters.
     Rank(RankArgs),
     /// The evaluation suite: seen, unseen, transferred, stronger, cross-norm and adaptive
@@ -125,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Classify(a) => classify_cmd(a, quiet),
         Cmd::Attack(a) => attack_cmd(*a, quiet),
         Cmd::Defend(a) => defend_cmd(*a, quiet),
+        Cmd::Harden(a) => harden_cmd(*a, quiet),
         Cmd::Rank(a) => rank_cmd(a, quiet),
         Cmd::Suite(a) => suite_cmd(*a, quiet),
         Cmd::Demo(a) => demo_cmd(a, quiet),
