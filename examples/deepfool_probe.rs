@@ -158,6 +158,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 resume: false,
                 progress: &mut report,
                 defense: None,
+                filter: None,
             };
             let per_image = a.get(7).is_some_and(|v| v == "per_image");
             let c = DeepFoolConfig {

@@ -199,6 +199,7 @@ fn training_perturbation(
         resume: false,
         progress: &mut report,
         defense: None,
+        filter: None,
     };
     let mut cfg = ActivationConfig::new(Objective::GdUap, Prior::Data);
     cfg.iterations = ITERATIONS;

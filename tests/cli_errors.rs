@@ -462,6 +462,31 @@ fn targeted_attack_and_hardening_refuse_bad_input() {
     ]);
     assert_error(&o, &["--target", "sfr attack sgd"]);
     assert!(!out.exists(), "no file for a refused run");
+    // --defense names a file or an image-domain filter.
+    let o = sfr(&[
+        "attack",
+        "sgd",
+        "--weights",
+        &mobilenet(),
+        "--defense",
+        "jpeg101",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["--defense jpeg101", "quality", "1–100"]);
+    let o = sfr(&[
+        "attack",
+        "sgd",
+        "--weights",
+        &mobilenet(),
+        "--defense",
+        "no/such/def.safetensors",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["no/such/def.safetensors", "no such file", "jpegQ"]);
     // A retraining round with no defence file.
     let uap = d.join("u.safetensors");
     flat_perturbation(&uap);

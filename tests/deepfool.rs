@@ -89,7 +89,10 @@ fn linf_deepfool_takes_sign_steps_and_flips_the_label() {
     let m = model();
     let x = images(&[0]);
     let s = m.spec().input_size;
-    let cfg = DeepFoolConfig::default();
+    let cfg = DeepFoolConfig {
+        step_norm: deepfool::StepNorm::Budget,
+        ..DeepFoolConfig::default()
+    };
     let res = deepfool::deepfool(m, &x, true, &cfg, Norm::Linf).expect("deepfool");
     assert!(res.converged[0], "ℓ∞ DeepFool did not converge");
     // Every step is a multiple of a sign vector, so (for one iteration) every pixel moves by the
@@ -173,12 +176,14 @@ fn run(
         resume,
         progress: &mut report,
         defense: None,
+        filter: None,
     };
     deepfool::run(cfg, &mut ctx)
 }
 
 fn small() -> DeepFoolConfig {
     DeepFoolConfig {
+        per_image: false,
         candidates: 4,
         max_passes: 1,
         max_images_per_pass: Some(4),
@@ -258,11 +263,14 @@ fn uap_respects_budgets_repeats_and_resumes() {
 fn impossible_parameters_are_refused() {
     let d = DeepFoolConfig::default();
     assert_eq!(d.candidates, 10);
-    assert_eq!(d.overshoot, 0.02);
+    assert_eq!(d.overshoot, 30.0);
     assert_eq!(d.max_iter, 10);
     assert_eq!(d.delta, 0.2);
     assert_eq!(d.max_passes, 10);
-    assert!(!d.per_image);
+    assert!(d.per_image);
+    assert_eq!(d.step_norm, deepfool::StepNorm::L2);
+    let e = DeepFoolConfig::exact();
+    assert_eq!((e.overshoot, e.per_image), (0.02, true));
     assert!(d.validate().is_ok());
     for bad in [
         DeepFoolConfig {

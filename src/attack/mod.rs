@@ -20,7 +20,7 @@ use serde::Serialize;
 
 /// The classifier an attack runs through (the bare network or the defended one).
 pub use crate::classifier::Classifier as Target;
-use crate::classifier::{Classifier, FruGradient, Plant};
+use crate::classifier::{Classifier, FruGradient, InputFilter, Plant};
 pub use crate::classifier::{argmax, clean_predictions, fooling_rate};
 use crate::data::Dataset;
 pub use crate::data::epoch_order;
@@ -70,6 +70,9 @@ pub struct RunContext<'a> {
     pub progress: &'a mut dyn FnMut(&Progress),
     /// Attack the network with this defence in place (the adaptive attack; `sgd` only).
     pub defense: Option<&'a dyn Plant>,
+    /// Attack the network behind this image-domain filter, straight through it (BPDA; `sgd`
+    /// only).
+    pub filter: Option<&'a dyn InputFilter>,
 }
 
 impl<'a> RunContext<'a> {
@@ -80,9 +83,14 @@ impl<'a> RunContext<'a> {
 
     /// [`RunContext::target`] with the given gradient through the defence's units.
     pub fn target_with(&self, gradient: FruGradient) -> Result<Classifier<'a>> {
-        match self.defense {
-            Some(d) => Classifier::defended_with(self.model, d, gradient),
-            None => Ok(Classifier::plain(self.model)),
+        match (self.defense, self.filter) {
+            (Some(_), Some(_)) => Err(SfrError::param(
+                "--defense",
+                "one defence at a time: FRUs or an image-domain filter",
+            )),
+            (Some(d), None) => Classifier::defended_with(self.model, d, gradient),
+            (None, Some(f)) => Classifier::filtered(self.model, f),
+            (None, None) => Ok(Classifier::plain(self.model)),
         }
     }
 }
@@ -230,6 +238,10 @@ pub fn base_meta(ctx: &RunContext, attack: &str, params: serde_json::Value) -> P
     if let Some(d) = ctx.defense {
         // The adaptive attack: record what it was computed through.
         m.params["through_defense"] = d.describe();
+    }
+    if let Some(f) = ctx.filter {
+        m.params["through_filter"] = f.describe();
+        m.params["filter_gradient"] = "straight-through (BPDA)".into();
     }
     m.model = Some(ctx.model.spec().name.to_string());
     m.data = ctx

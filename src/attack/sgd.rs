@@ -134,6 +134,7 @@ impl SgdConfig {
             ctx.model.spec().name,
             ctx.defense
                 .map(|d| format!("through defence {}", d.id()))
+                .or(ctx.filter.map(|f| format!("through filter {}", f.id())))
                 .unwrap_or_default(),
             ctx.norm,
             ctx.eps,

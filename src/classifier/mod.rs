@@ -26,6 +26,21 @@ pub struct Classifier<'a> {
     /// The backbone.
     pub model: &'a Model,
     defended: Option<FrozenDefense>,
+    filter: Option<&'a dyn InputFilter>,
+}
+
+/// An image-domain defence in front of the network (`defense::baselines::ImageDefense`
+/// implements it): a transform of RGB pixels on the 0–255 scale. Gradients pass it straight
+/// through (BPDA: JPEG, median and bit-depth reduction have no useful derivative).
+pub trait InputFilter: Sync {
+    /// Fail with a sentence when the filter cannot run (an impossible parameter).
+    fn check(&self) -> Result<()>;
+    /// The filtered batch (`[n, 3, h, w]`); only called after [`InputFilter::check`] passed.
+    fn filter(&self, pixels: Tensor<4>) -> Tensor<4>;
+    /// A short identifier.
+    fn id(&self) -> String;
+    /// What an artefact made through the filter records about it.
+    fn describe(&self) -> serde_json::Value;
 }
 
 /// Trained FRUs as a defence plants them: the units, where they act, their statistics.
@@ -91,7 +106,19 @@ impl<'a> Classifier<'a> {
         Classifier {
             model,
             defended: None,
+            filter: None,
         }
+    }
+
+    /// The bare network behind an image-domain filter; gradients pass the filter straight
+    /// through (BPDA).
+    pub fn filtered(model: &'a Model, filter: &'a dyn InputFilter) -> Result<Self> {
+        filter.check()?;
+        Ok(Classifier {
+            model,
+            defended: None,
+            filter: Some(filter),
+        })
     }
 
     /// The network with `defense`'s units in place (inference mode; the units get no
@@ -117,12 +144,13 @@ impl<'a> Classifier<'a> {
                 stats: p.stats,
                 straight_through: gradient == FruGradient::StraightThrough,
             }),
+            filter: None,
         })
     }
 
-    /// Whether a defence is in place.
+    /// Whether a defence (units or a filter) is in place.
     pub fn is_defended(&self) -> bool {
-        self.defended.is_some()
+        self.defended.is_some() || self.filter.is_some()
     }
 
     /// Logits for pixels on the 0–255 scale (no gradient).
@@ -136,6 +164,16 @@ impl<'a> Classifier<'a> {
     }
 
     fn forward(&self, pixels: Tensor<4>, grad: bool) -> Tensor<2> {
+        let pixels = match self.filter {
+            None => pixels,
+            Some(f) if grad => {
+                // Straight through: the filtered values forward, the identity backward.
+                let plain = pixels.clone().detach();
+                let filtered = f.filter(plain.clone().inner()).autodiff();
+                pixels + (filtered - plain).detach()
+            }
+            Some(f) => f.filter(pixels),
+        };
         match &self.defended {
             None => self.model.forward_pixels(pixels, &mut NoTap),
             Some(d) => {

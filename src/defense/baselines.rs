@@ -41,6 +41,38 @@ impl fmt::Display for ImageDefense {
     }
 }
 
+impl std::str::FromStr for ImageDefense {
+    type Err = SfrError;
+
+    /// The names [`fmt::Display`] writes: `jpeg75`, `median3`, `bits4`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            SfrError::param(
+                "image defence",
+                format!(
+                    "`{s}` is not one: write jpegQ (quality 1–100), medianK (odd K) or bitsB (1–8)"
+                ),
+            )
+        };
+        let num = |rest: &str| rest.parse::<u32>().map_err(|_| bad());
+        let d = if let Some(r) = s.strip_prefix("jpeg") {
+            ImageDefense::Jpeg {
+                quality: u8::try_from(num(r)?).map_err(|_| bad())?,
+            }
+        } else if let Some(r) = s.strip_prefix("median") {
+            ImageDefense::Median {
+                size: num(r)? as usize,
+            }
+        } else if let Some(r) = s.strip_prefix("bits") {
+            ImageDefense::BitDepth { bits: num(r)? }
+        } else {
+            return Err(bad());
+        };
+        d.validate()?;
+        Ok(d)
+    }
+}
+
 impl ImageDefense {
     /// The three baselines of the suite: JPEG 75, median 3×3, 4-bit depth.
     pub fn suite() -> Vec<ImageDefense> {
@@ -238,5 +270,25 @@ mod tests {
         assert!(ImageDefense::Jpeg { quality: 0 }.validate().is_err());
         assert!(ImageDefense::Median { size: 2 }.validate().is_err());
         assert!(ImageDefense::BitDepth { bits: 9 }.validate().is_err());
+    }
+}
+
+impl crate::classifier::InputFilter for ImageDefense {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    fn filter(&self, pixels: Tensor<4>) -> Tensor<4> {
+        // `check` passed and the zoo's inputs are RGB float batches, which is all `apply` asks.
+        self.apply(pixels)
+            .expect("a validated image defence on an RGB batch")
+    }
+
+    fn id(&self) -> String {
+        self.to_string()
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "filter": self.to_string(), "description": self.describe() })
     }
 }

@@ -273,6 +273,7 @@ pub fn generate(
                         Job::Sgd { adaptive: true } => Some(defense),
                         _ => None,
                     },
+                    filter: None,
                 };
                 let p = match &job.job {
                     Job::Sgd { .. } => attack::sgd::run(&plan.sgd, &mut ctx)?,
