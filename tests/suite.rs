@@ -136,8 +136,9 @@ fn suite_reports_every_row_and_column() {
     ] {
         assert!(cats.contains(&want), "a {want} row in {cats:?}");
     }
-    // 8 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive) + 9 published.
-    assert_eq!(rows.len(), 17, "{cats:?}");
+    // 11 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive through the
+    // defence and through each of the 3 baselines) + 9 published.
+    assert_eq!(rows.len(), 20, "{cats:?}");
     for row in rows {
         let cells = row["cells"].as_array().unwrap();
         assert_eq!(cells.len(), 5);
@@ -170,6 +171,14 @@ fn suite_reports_every_row_and_column() {
     assert!(
         adaptive.meta.params.get("through_defense").is_some(),
         "the adaptive attack records the defence it went through"
+    );
+    let through_jpeg = sfr::perturbation::Perturbation::load(
+        &out.join("attacks/adaptive_sgd_linf_10_through_jpeg75.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        through_jpeg.meta.params["through_filter"]["filter"],
+        "jpeg75"
     );
 
     // A rerun reuses the generated attacks (same bytes) and gives the same report.

@@ -195,6 +195,26 @@ impl ImageDefense {
     }
 }
 
+impl crate::classifier::InputFilter for ImageDefense {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+
+    fn filter(&self, pixels: Tensor<4>) -> Tensor<4> {
+        // `check` passed and the zoo's inputs are RGB float batches, which is all `apply` asks.
+        self.apply(pixels)
+            .expect("a validated image defence on an RGB batch")
+    }
+
+    fn id(&self) -> String {
+        self.to_string()
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "filter": self.to_string(), "description": self.describe() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,25 +290,5 @@ mod tests {
         assert!(ImageDefense::Jpeg { quality: 0 }.validate().is_err());
         assert!(ImageDefense::Median { size: 2 }.validate().is_err());
         assert!(ImageDefense::BitDepth { bits: 9 }.validate().is_err());
-    }
-}
-
-impl crate::classifier::InputFilter for ImageDefense {
-    fn check(&self) -> Result<()> {
-        self.validate()
-    }
-
-    fn filter(&self, pixels: Tensor<4>) -> Tensor<4> {
-        // `check` passed and the zoo's inputs are RGB float batches, which is all `apply` asks.
-        self.apply(pixels)
-            .expect("a validated image defence on an RGB batch")
-    }
-
-    fn id(&self) -> String {
-        self.to_string()
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "filter": self.to_string(), "description": self.describe() })
     }
 }

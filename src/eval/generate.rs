@@ -13,6 +13,7 @@ use crate::attack::sgd::SgdConfig;
 use crate::attack::{self, Progress, RunContext};
 use crate::data::Dataset;
 use crate::defense::Defense;
+use crate::defense::baselines::ImageDefense;
 use crate::error::{Result, SfrError};
 use crate::perturbation::{Norm, Perturbation};
 use crate::zoo::Model;
@@ -51,7 +52,9 @@ impl Kind {
 
     fn job(self) -> Job {
         match self {
-            Kind::Sgd => Job::Sgd { adaptive: false },
+            Kind::Sgd => Job::Sgd {
+                through: Through::Nothing,
+            },
             Kind::Fff => Job::Activation(Objective::Fff, Prior::None),
             Kind::GdUap(p) => Job::Activation(Objective::GdUap, p),
         }
@@ -80,6 +83,9 @@ pub struct GeneratePlan {
     pub deepfool: Option<DeepFoolConfig>,
     /// The adaptive attack: SGD-UAP through the defended network.
     pub adaptive: bool,
+    /// Adaptive rows for image-domain baselines too: SGD-UAP through each filter, straight
+    /// through it (BPDA), so that every column faces an attacker who knows it.
+    pub adaptive_baselines: Vec<ImageDefense>,
     /// Images held out from the generation data for the attacks' running estimate.
     pub holdout: usize,
     /// Images per batch.
@@ -103,6 +109,7 @@ impl Default for GeneratePlan {
                 ..DeepFoolConfig::default()
             }),
             adaptive: true,
+            adaptive_baselines: ImageDefense::suite(),
             holdout: 50,
             batch_size: 32,
             clip: true,
@@ -110,9 +117,20 @@ impl Default for GeneratePlan {
     }
 }
 
+/// What an SGD-UAP job differentiates through.
+#[derive(Clone, Copy, PartialEq)]
+enum Through {
+    /// The bare network.
+    Nothing,
+    /// The SFR defence.
+    Defence,
+    /// An image-domain baseline, straight through.
+    Filter(ImageDefense),
+}
+
 #[derive(Clone)]
 enum Job {
-    Sgd { adaptive: bool },
+    Sgd { through: Through },
     Random,
     Activation(Objective, Prior),
     DeepFool(DeepFoolConfig),
@@ -213,8 +231,22 @@ fn plan_jobs(plan: &GeneratePlan) -> Vec<Planned> {
             Category::Adaptive,
             sn,
             se,
-            Job::Sgd { adaptive: true },
+            Job::Sgd {
+                through: Through::Defence,
+            },
         ));
+        for b in &plan.adaptive_baselines {
+            v.push(job(
+                format!("adaptive_sgd_{sn}_{}_through_{b}", eps_key(se)),
+                format!("adaptive sgd {} {} through {b} (BPDA)", sym(sn), se),
+                Category::Adaptive,
+                sn,
+                se,
+                Job::Sgd {
+                    through: Through::Filter(*b),
+                },
+            ));
+        }
     }
     v
 }
@@ -270,10 +302,17 @@ pub fn generate(
                     resume: true,
                     progress: &mut report,
                     defense: match job.job {
-                        Job::Sgd { adaptive: true } => Some(defense),
+                        Job::Sgd {
+                            through: Through::Defence,
+                        } => Some(defense),
                         _ => None,
                     },
-                    filter: None,
+                    filter: match &job.job {
+                        Job::Sgd {
+                            through: Through::Filter(f),
+                        } => Some(f as &dyn crate::classifier::InputFilter),
+                        _ => None,
+                    },
                 };
                 let p = match &job.job {
                     Job::Sgd { .. } => attack::sgd::run(&plan.sgd, &mut ctx)?,
@@ -334,8 +373,23 @@ fn reuse(
             .params
             .get("through_defense")
             .map(|t| t["id"].clone())
-            == matches!(job.job, Job::Sgd { adaptive: true })
-                .then(|| serde_json::json!(defense.id()));
+            == matches!(
+                job.job,
+                Job::Sgd {
+                    through: Through::Defence
+                }
+            )
+            .then(|| serde_json::json!(defense.id()))
+        && p.meta
+            .params
+            .get("through_filter")
+            .map(|t| t["filter"].clone())
+            == match &job.job {
+                Job::Sgd {
+                    through: Through::Filter(f),
+                } => Some(serde_json::json!(f.to_string())),
+                _ => None,
+            };
     if !same {
         return Err(SfrError::param(
             "suite",

@@ -42,7 +42,8 @@ pub enum Category {
     Stronger,
     /// The training kind under the other norm.
     CrossNorm,
-    /// Computed through the defended network (the attacker knows the defence).
+    /// Computed through a defence (the attacker knows it): the SFR units, or an image-domain
+    /// baseline straight through (BPDA).
     Adaptive,
     /// Random noise of the same budget.
     Control,
@@ -610,7 +611,9 @@ pub fn row_from_files(
             Category::Transferred
         } else if m.attack == "random" {
             Category::Control
-        } else if m.params.get("through_defense").is_some() {
+        } else if m.params.get("through_defense").is_some()
+            || m.params.get("through_filter").is_some()
+        {
             Category::Adaptive
         } else if m.norm != seen.1 {
             Category::CrossNorm
