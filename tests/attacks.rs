@@ -176,6 +176,125 @@ fn targeted_margin_and_restarts_are_recorded_and_measured() {
 }
 
 #[test]
+fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
+    let data = foolbox();
+    let d = data.to_str().unwrap();
+    let dir = common::scratch("attacks_harden");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let uap = dir.join("uap.safetensors");
+    run_attack(&[
+        "attack",
+        "sgd",
+        "--data",
+        d,
+        "--epochs",
+        "1",
+        "--holdout",
+        "4",
+        "--batch-size",
+        "8",
+        "--out",
+        uap.to_str().unwrap(),
+    ]);
+    let def = dir.join("def.safetensors");
+    let o = sfr_cmd()
+        .args([
+            "defend",
+            "--data",
+            d,
+            "--uap",
+            uap.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--val",
+            "4",
+        ])
+        .args([
+            "--batch-size",
+            "8",
+            "--out",
+            def.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("h");
+    let harden = || {
+        let o = sfr_cmd()
+            .args(["harden", "--data", d, "--defense", def.to_str().unwrap()])
+            .args([
+                "--uap",
+                uap.to_str().unwrap(),
+                "--test",
+                d,
+                "--test-uap",
+                uap.to_str().unwrap(),
+            ])
+            .args([
+                "--rounds",
+                "1",
+                "--out-dir",
+                out.to_str().unwrap(),
+                "--json",
+                "--quiet",
+            ])
+            .args([
+                "--attack-arg=--epochs=1",
+                "--attack-arg=--holdout=4",
+                "--attack-arg=--batch-size=8",
+            ])
+            .args([
+                "--defend-arg=--epochs=1",
+                "--defend-arg=--val=4",
+                "--defend-arg=--batch-size=8",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("one JSON object")
+    };
+    let r = harden();
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(
+        rounds.len(),
+        2,
+        "round 0 on the given defence, round 1 on the retrained one"
+    );
+    for (i, round) in rounds.iter().enumerate() {
+        for k in [
+            "defended_fooling_rate",
+            "bare_fooling_rate",
+            "restoration_accuracy",
+            "held_out_uaps_restoration_accuracy",
+        ] {
+            let v = round[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("round {i}: {k}"));
+            assert!((0.0..=1.5).contains(&v), "round {i}: {k} = {v}");
+        }
+    }
+    assert!(
+        rounds[0]["retrain_command"]
+            .as_str()
+            .unwrap()
+            .contains("round0_adaptive.safetensors")
+    );
+    let retrained = out.join("round1_defense.safetensors");
+    let a1 = out.join("round1_adaptive.safetensors");
+    let p = Perturbation::load(&a1).unwrap();
+    assert!(
+        p.meta.params["through_defense"].is_object(),
+        "round 1 attacks through a defence"
+    );
+    // A rerun reuses every file and reports the same figures.
+    let before = std::fs::read(&retrained).unwrap();
+    assert_eq!(harden(), r);
+    assert_eq!(std::fs::read(&retrained).unwrap(), before);
+}
+
+#[test]
 fn killed_sgd_resumes_to_the_same_result() {
     let data = foolbox();
     let dir = common::scratch("attacks_resume");

@@ -45,13 +45,13 @@ pub(crate) struct AttackArgs {
     /// Do not clip perturbed pixels to [0, 255] while attacking.
     #[arg(long)]
     pub(crate) no_clip: bool,
-    /// sgd: passes over the data.
+    /// sgd: passes over the data (default 10).
     #[arg(long)]
     pub(crate) epochs: Option<usize>,
     /// sgd, fff, gduap: first step as a fraction of ξ.
     #[arg(long)]
     pub(crate) step: Option<f64>,
-    /// sgd: step multiplier per epoch.
+    /// sgd: step multiplier per epoch (default 0.9; the first step is --step, default 0.1·ξ).
     #[arg(long)]
     pub(crate) decay: Option<f64>,
     /// sgd: cross-entropy clamp β.

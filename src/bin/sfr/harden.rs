@@ -134,6 +134,20 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
     }
     let opts = EvalOptions::default();
     let report_path = a.out_dir.join("harden.json");
+    let write_report = |rounds: &[serde_json::Value], n: usize| -> Result<()> {
+        let report = json!({
+            "model": model.spec().name,
+            "test": a.test.iter().map(|p| s(p)).collect::<Vec<_>>(),
+            "test_images": n,
+            "rounds": rounds,
+            "protocol": "round r: SGD-UAP through defence r (sfr attack sgd --defense), evaluated on the test images with defence r; defence r+1: sfr defend on the training UAPs plus every adaptive UAP so far",
+        });
+        sfr::fetch::write_atomic(
+            &report_path,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        Ok(())
+    };
     let mut defenses = vec![a.defense.clone()];
     let mut adaptive: Vec<PathBuf> = Vec::new();
     let mut rounds = Vec::new();
@@ -244,17 +258,7 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
             rounds.last_mut().expect("this round")["retrain_command"] = json!(defend_line);
             defenses.push(next);
         }
-        let report = json!({
-            "model": model.spec().name,
-            "test": a.test.iter().map(|p| s(p)).collect::<Vec<_>>(),
-            "test_images": rep.n,
-            "rounds": rounds,
-            "protocol": "round r: SGD-UAP through defence r (sfr attack sgd --defense), evaluated on the test images with defence r; defence r+1: sfr defend on the training UAPs plus every adaptive UAP so far",
-        });
-        sfr::fetch::write_atomic(
-            &report_path,
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
+        write_report(&rounds, rep.n)?;
     }
     let text = std::fs::read_to_string(&report_path)?;
     if a.json {
