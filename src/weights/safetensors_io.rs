@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, View};
 
@@ -214,7 +214,7 @@ impl View for F32View<'_> {
 }
 
 /// Writes `map` as F32 safetensors with `metadata` in `__metadata__`.
-/// Atomic: writes `<path>.tmp-<pid>`, syncs it, then renames over `path`.
+/// Atomic, through [`crate::atomic::write_atomic`]: a full disk leaves the previous file intact.
 pub fn save_safetensors(
     map: &TensorMap,
     metadata: &BTreeMap<String, String>,
@@ -234,31 +234,15 @@ pub fn save_safetensors(
             });
         }
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-
     let info: HashMap<String, String> = metadata
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let info = (!info.is_empty()).then_some(info);
     let views = map.iter().map(|(k, t)| (k, F32View(t)));
-    let result = safetensors::serialize_to_file(views, info, &tmp)
-        .map_err(|e| st_err(path, format!("writing {}: {e}", tmp.display())))
-        .and_then(|()| {
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| WeightsError::io(&tmp, "syncing the temporary file", e))
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .map_err(|e| WeightsError::io(path, "renaming the temporary file into place", e))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let bytes = safetensors::serialize(views, info).map_err(|e| st_err(path, e.to_string()))?;
+    crate::atomic::write_atomic(path, &bytes)?;
+    Ok(())
 }
 
 #[cfg(test)]
