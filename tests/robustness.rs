@@ -567,3 +567,138 @@ fn weight_and_defence_files_claiming_1e11_elements_are_refused_without_allocatin
     );
     check("defence: tensor of 10^11", "--defense", &shaped, &[&claim]);
 }
+
+// ------------------------------------------------------------ kill anywhere, resume exactly
+
+/// A tensor's name, shape and bits.
+type Bits = (String, Vec<usize>, Vec<u32>);
+
+/// Every tensor of a safetensors file, bit for bit, and its `sfr_defense` metadata without
+/// the wall-clock seconds.
+fn tensors_and_training(path: &Path) -> (Vec<Bits>, serde_json::Value) {
+    let map = sfr::weights::load(path).unwrap();
+    let mut t: Vec<Bits> = map
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.shape.clone(),
+                v.data.iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect();
+    t.sort();
+    let meta = sfr::weights::read_safetensors_metadata(path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
+    m["training"]
+        .as_object_mut()
+        .unwrap()
+        .remove("seconds")
+        .expect("training seconds");
+    (t, m)
+}
+
+#[test]
+fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
+    let dir = common::scratch("robust_kill");
+    let (data, uap) = defend_material(&dir);
+    let epochs = 12;
+    // The uninterrupted run.
+    let whole = dir.join("whole.safetensors");
+    let _ = std::fs::remove_file(&whole);
+    let t0 = Instant::now();
+    let mut child = sfr()
+        .args(defend_args(&data, &uap, &whole, epochs, false))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // When its first checkpoint appears (start-up and one epoch), and how long an epoch takes.
+    let mut first = None;
+    while child.try_wait().unwrap().is_none() {
+        if first.is_none() && ckpt_of(&whole).exists() {
+            first = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run_time = t0.elapsed();
+    let first = first.expect("the uninterrupted run wrote checkpoints");
+    let epoch = (run_time - first) / (epochs as u32 - 1);
+
+    // The same run, SIGKILLed at random moments and resumed each time.
+    let out = dir.join("killed.safetensors");
+    let ckpt = ckpt_of(&out);
+    for p in [&out, &ckpt] {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut kills, mut resumed_from) = (0, Vec::new());
+    while kills < 12 {
+        let done = ckpt.exists().then(|| epochs_done(&ckpt));
+        let mut child = sfr()
+            .args(defend_args(&data, &uap, &out, epochs, true))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Anywhere up to an epoch past this start's first checkpoint: loading, training,
+        // validating, writing a checkpoint.
+        let window = (first + epoch).as_millis() as u64;
+        let ms = 50 + next() % window;
+        std::thread::sleep(Duration::from_millis(ms));
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before this kill
+        }
+        child.kill().unwrap();
+        let _ = child.wait();
+        kills += 1;
+        resumed_from.push(done);
+    }
+    let o = sfr()
+        .args(defend_args(&data, &uap, &out, epochs, true))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!(
+        "{kills} kills; each resumed from epochs done: {resumed_from:?}; uninterrupted run {:.1} s \
+         (first checkpoint at {:.1} s, {:.2} s an epoch)",
+        run_time.as_secs_f64(),
+        first.as_secs_f64(),
+        epoch.as_secs_f64()
+    );
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed before the run ended"
+    );
+    let resumes = resumed_from.iter().flatten().filter(|&&d| d > 0).count();
+    assert!(
+        resumes >= 3,
+        "too few kills resumed from a checkpoint: {resumed_from:?}"
+    );
+    assert!(!ckpt.exists());
+    let (a, ma) = tensors_and_training(&whole);
+    let (b, mb) = tensors_and_training(&out);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert_eq!(x.1, y.1, "{}", x.0);
+        assert!(
+            x.2 == y.2,
+            "tensor {} differs from the uninterrupted run's",
+            x.0
+        );
+    }
+    assert_eq!(
+        ma["training"]["validation"], mb["training"]["validation"],
+        "validation metrics"
+    );
+    assert_eq!(ma, mb, "metadata (but the seconds)");
+}

@@ -345,6 +345,12 @@ impl Defense {
     /// Save as safetensors (FRU weights, BN statistics, placements and training configuration
     /// in the metadata), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, BTreeMap::new())
+    }
+
+    /// [`Defense::save`] with `extra` entries in the file's metadata (a training checkpoint's
+    /// optimiser state).
+    pub fn save_with(&self, path: &Path, extra: BTreeMap<String, String>) -> Result<()> {
         let mut map = TensorMap::new();
         fn put<const D: usize>(map: &mut TensorMap, k: String, t: Tensor<D>) -> Result<()> {
             let shape = t.dims().to_vec();
@@ -383,7 +389,7 @@ impl Defense {
                 );
             }
         }
-        let mut meta = BTreeMap::new();
+        let mut meta = extra;
         meta.insert(
             "sfr_defense".to_string(),
             serde_json::to_string(&self.meta)
