@@ -25,7 +25,12 @@ pub fn read_h5(path: impl AsRef<Path>, dataset: &str) -> Result<RawArray, Import
 
 /// `read_any`'s choice: dataset `v`, else the root group's only dataset.
 pub(super) fn read_h5_default(path: &Path) -> Result<RawArray, ImportError> {
-    let (file, len) = open(path)?;
+    read_h5_default_bytes(super::read_file(path)?, path)
+}
+
+/// [`read_h5_default`] on bytes in memory; `path` is named in errors.
+pub(super) fn read_h5_default_bytes(bytes: Vec<u8>, path: &Path) -> Result<RawArray, ImportError> {
+    let (file, len) = open_bytes(bytes, path)?;
     let (groups, names) = members(&file, path)?;
     let name = if names.iter().any(|n| n == "v") {
         "v".to_string()
@@ -46,7 +51,10 @@ pub(super) fn read_h5_default(path: &Path) -> Result<RawArray, ImportError> {
 
 /// The file, and its length in bytes.
 fn open(path: &Path) -> Result<(Hdf5File, u64), ImportError> {
-    let bytes = super::read_file(path)?;
+    open_bytes(super::read_file(path)?, path)
+}
+
+fn open_bytes(bytes: Vec<u8>, path: &Path) -> Result<(Hdf5File, u64), ImportError> {
     let len = bytes.len() as u64;
     // The superblock is at 0 or, after a user block, at 512, 1024, 2048, …
     let found = std::iter::successors(Some(0usize), |&o| {

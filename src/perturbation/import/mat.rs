@@ -40,7 +40,7 @@ pub fn read_mat(path: impl AsRef<Path>, var: Option<&str>) -> Result<RawArray, I
     parse(&bytes, path, var)
 }
 
-fn parse(bytes: &[u8], path: &Path, var: Option<&str>) -> Result<RawArray, ImportError> {
+pub(super) fn parse(bytes: &[u8], path: &Path, var: Option<&str>) -> Result<RawArray, ImportError> {
     let b = Bytes::new(bytes, path, FORMAT);
     let text = &bytes[..bytes.len().min(116)];
     if text.starts_with(b"MATLAB 7.3") {

@@ -192,6 +192,26 @@ pub fn read_any(path: impl AsRef<Path>) -> Result<RawArray, ImportError> {
     }
 }
 
+/// [`read_any`] on bytes already in memory: the format is chosen by `path`'s extension, and
+/// `path` is named in errors (nothing is read from it).
+pub fn read_any_bytes(path: &Path, bytes: &[u8]) -> Result<RawArray, ImportError> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("npy") => npy::parse(bytes, path),
+        Some("mat") => mat::parse(bytes, path, None),
+        Some("h5") | Some("hdf5") => self::hdf5::read_h5_default_bytes(bytes.to_vec(), path),
+        other => Err(ImportError::UnknownExtension {
+            path: path.to_path_buf(),
+            found: match other {
+                Some(e) => format!(".{e}"),
+                None => "no extension".to_string(),
+            },
+        }),
+    }
+}
+
 /// Read a whole file, naming it in the error.
 fn read_file(path: &Path) -> Result<Vec<u8>, ImportError> {
     std::fs::read(path).map_err(|source| ImportError::Io {
