@@ -54,6 +54,11 @@ if [ -x "$sfr" ]; then
     if [ -n "$npy" ] && "$sfr" perturbation import --quiet "$npy" --size 224 --out "$tmp/p.safetensors" >/dev/null 2>&1; then
         put perturbation "$tmp/p.safetensors"
         put safetensors "$tmp/p.safetensors"
+        # A 16×16 one too: small inputs make fast executions.
+        if "$sfr" perturbation import --quiet "$npy" --size 16 --fit resize --out "$tmp/p16.safetensors" >/dev/null 2>&1; then
+            put perturbation "$tmp/p16.safetensors"
+            put safetensors "$tmp/p16.safetensors"
+        fi
         data=$("$sfr" fetch foolbox-imagenet --json 2>/dev/null | sed -n 's/.*"path": *"\([^"]*\)".*/\1/p' | head -1)
         data=${data:-${SFR_CACHE:-$HOME/.cache/sfr}/data/foolbox-imagenet}
         if "$sfr" defend --quiet --epochs 1 --batch-size 4 --val 2 --data "$data" \

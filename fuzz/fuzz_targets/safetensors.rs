@@ -3,5 +3,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = sfr::weights::load_safetensors_bytes(std::path::Path::new("fuzz.safetensors"), data);
+    let _ = sfr::weights::safetensors_io::load_safetensors_bytes(
+        std::path::Path::new("fuzz.safetensors"),
+        data,
+    );
 });
