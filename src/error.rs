@@ -58,6 +58,9 @@ pub enum SfrError {
     /// Fetching an asset from a package registry failed.
     #[error("fetching `{what}` failed: {message}")]
     Fetch { what: String, message: String },
+    /// Writing a file failed (the previous file, if any, is intact).
+    #[error(transparent)]
+    Write(#[from] crate::atomic::WriteError),
     /// Any other I/O error, with the path involved.
     #[error("{path}: {source}")]
     Io {

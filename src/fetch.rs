@@ -11,6 +11,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub use crate::atomic::write_atomic;
 use crate::error::{Result, SfrError};
 
 /// What an asset unpacks to.
@@ -191,7 +192,7 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let wheel = pip_download(a.package, &dl).map_err(err)?;
     if let (AssetKind::Photos, Some((_, sha))) = (a.kind, a.member) {
         let bytes = fs::read(&wheel).map_err(|e| SfrError::io(&wheel, e))?;
-        let got = hex(&Sha256::digest(&bytes));
+        let got = hex::encode(Sha256::digest(&bytes));
         if got != sha {
             return Err(err(format!(
                 "{}: SHA-256 {got}, expected {sha}",
@@ -215,7 +216,7 @@ pub fn fetch(a: &Asset, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         AssetKind::Weights => {
             let (member, sha) = a.member.ok_or_else(|| err("no member named".into()))?;
             let bytes = read_member(member)?;
-            let got = hex(&Sha256::digest(&bytes));
+            let got = hex::encode(Sha256::digest(&bytes));
             if got != sha {
                 return Err(err(format!("{member}: SHA-256 {got}, expected {sha}")));
             }
@@ -337,21 +338,4 @@ fn pip_download(package: &str, dir: &Path) -> std::result::Result<PathBuf, Strin
             dir.display()
         )
     })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| SfrError::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|f| f.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    fs::write(&tmp, bytes).map_err(|e| SfrError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| SfrError::io(path, e))
 }

@@ -8,6 +8,7 @@
 //! → attacks → defence → [`eval`] → report.
 
 pub mod alloc;
+pub mod atomic;
 pub mod attack;
 pub mod classifier;
 pub mod data;

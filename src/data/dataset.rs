@@ -276,11 +276,7 @@ pub(crate) fn parse_csv(text: &str) -> Result<Vec<Record>, (usize, String)> {
 }
 
 /// Samples from the text of a `labels.csv` (at `csv`, files relative to `dir`).
-pub(crate) fn parse_labels_csv(
-    text: &str,
-    csv: &Path,
-    dir: &Path,
-) -> Result<Vec<Sample>, DataError> {
+pub fn parse_labels_csv(text: &str, csv: &Path, dir: &Path) -> Result<Vec<Sample>, DataError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let records = parse_csv(text).map_err(|(line, reason)| DataError::MalformedCsv {
         path: csv.to_path_buf(),

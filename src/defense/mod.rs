@@ -142,7 +142,7 @@ pub fn backbone_fingerprint(model: &Model) -> String {
             }
         }
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(h.finalize())
 }
 
 /// What a defence file records besides its weights.
@@ -287,7 +287,7 @@ impl Defense {
                 h.update(x.to_le_bytes());
             }
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(h.finalize())
     }
 
     /// Placements of the units.
@@ -345,6 +345,12 @@ impl Defense {
     /// Save as safetensors (FRU weights, BN statistics, placements and training configuration
     /// in the metadata), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, BTreeMap::new())
+    }
+
+    /// [`Defense::save`] with `extra` entries in the file's metadata (a training checkpoint's
+    /// optimiser state).
+    pub fn save_with(&self, path: &Path, extra: BTreeMap<String, String>) -> Result<()> {
         let mut map = TensorMap::new();
         fn put<const D: usize>(map: &mut TensorMap, k: String, t: Tensor<D>) -> Result<()> {
             let shape = t.dims().to_vec();
@@ -383,7 +389,7 @@ impl Defense {
                 );
             }
         }
-        let mut meta = BTreeMap::new();
+        let mut meta = extra;
         meta.insert(
             "sfr_defense".to_string(),
             serde_json::to_string(&self.meta)
@@ -415,11 +421,29 @@ impl Defense {
             }
         };
         let mut map = weights::load(path)?;
+        // Nothing is sized from the metadata before it is checked against the tensors in the
+        // file: a width of 10^11 must be an error, not an allocation.
+        let no_stats = || BnStats {
+            mean: Vec::new(),
+            var: Vec::new(),
+        };
         let d = Defense {
             meta: meta.clone(),
             frus: FruSet { units: Vec::new() },
-            stats: BnStats::new(&meta.width),
+            stats: no_stats(),
         };
+        if meta.width.len() != meta.regen.len() || meta.sites.len() != meta.regen.len() {
+            return Err(SfrError::param(
+                "--defense",
+                format!(
+                    "{}: metadata lists {} sites, {} channel sets and {} widths",
+                    path.display(),
+                    meta.sites.len(),
+                    meta.regen.len(),
+                    meta.width.len()
+                ),
+            ));
+        }
         d.check_backbone(model)
             .map_err(|e| SfrError::param("--defense", format!("{}: {e}", path.display())))?;
         let mut take = |k: String, shape: Vec<usize>| -> Result<Vec<f32>> {
@@ -448,7 +472,7 @@ impl Defense {
             Ok(t.data)
         };
         let mut units = Vec::new();
-        let mut stats = BnStats::new(&meta.width);
+        let mut stats = no_stats();
         for (i, (&dw, regen)) in meta.width.iter().zip(&meta.regen).enumerate() {
             let n = regen.len();
             let t4 = |v: Vec<f32>, s: [usize; 4]| {
@@ -474,12 +498,19 @@ impl Defense {
                 [n, dw, 1, 1],
             );
             let mut gb = Vec::new();
+            let (mut mean, mut var) = (Vec::new(), Vec::new());
             for j in 1..=3 {
                 gb.push(t1(take(format!("fru.{i}.bn{j}.weight"), vec![dw])?));
                 gb.push(t1(take(format!("fru.{i}.bn{j}.bias"), vec![dw])?));
-                stats.mean[i][j - 1] = take(format!("fru.{i}.bn{j}.running_mean"), vec![dw])?;
-                stats.var[i][j - 1] = take(format!("fru.{i}.bn{j}.running_var"), vec![dw])?;
+                mean.push(take(format!("fru.{i}.bn{j}.running_mean"), vec![dw])?);
+                var.push(take(format!("fru.{i}.bn{j}.running_var"), vec![dw])?);
             }
+            let three = |v: Vec<Vec<f32>>| -> Result<[Vec<f32>; 3]> {
+                v.try_into()
+                    .map_err(|_| SfrError::param("--defense", "internal: not three BN layers"))
+            };
+            stats.mean.push(three(mean)?);
+            stats.var.push(three(var)?);
             let mut gb = gb.into_iter();
             let mut next = || {
                 gb.next()

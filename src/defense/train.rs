@@ -11,8 +11,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -325,10 +328,26 @@ pub fn train(
             .unwrap_or(json!([])),
     )
     .unwrap_or_default();
-    let mut frus = std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
-        .to_device(&adev)
-        .train();
+    if start_epoch >= cfg.epochs && defense.meta.training.get("selected_epoch").is_some() {
+        // The checkpoint of a finished run, killed before its output was written: it holds
+        // the selected epoch's weights already.
+        if let Some(bp) = checkpoint.map(best_path).filter(|bp| bp.exists()) {
+            std::fs::remove_file(&bp).map_err(|e| SfrError::io(&bp, e))?;
+        }
+        return Ok(history);
+    }
+    let mut frus = renumber(
+        std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
+            .to_device(&adev)
+            .train(),
+    );
+    // Adam's moments and step count continue from the checkpoint: with the weights, the BN
+    // statistics and the per-epoch RNG and order (functions of the seed and the epoch), a
+    // resumed run ends bit-identical to an uninterrupted one.
     let mut optim = AdamConfig::new().init();
+    if let (true, Some(path)) = (start_epoch > 0, checkpoint) {
+        optim = load_optimizer(optim, path)?;
+    }
     // The best epoch so far: (epoch, validation restoration, its weights). A resumed run finds
     // it beside the checkpoint (written before the checkpoint, so never older than it).
     let mut best: Option<(usize, f64, super::fru::FruSet, super::fru::BnStats)> = None;
@@ -494,9 +513,11 @@ pub fn train(
                 cfg.batch_size.max(16),
             )?)
         };
-        frus = std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
-            .to_device(&adev)
-            .train();
+        frus = renumber(
+            std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
+                .to_device(&adev)
+                .train(),
+        );
         if let Some(v) = v {
             history.push(v);
         }
@@ -534,11 +555,13 @@ pub fn train(
                 ));
             }
             if let Some(path) = checkpoint {
-                defense.save(path)?;
+                defense.save_with(path, optimizer_meta(&optim)?)?;
             }
-            frus = std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
-                .to_device(&adev)
-                .train();
+            frus = renumber(
+                std::mem::replace(&mut defense.frus, super::fru::FruSet { units: Vec::new() })
+                    .to_device(&adev)
+                    .train(),
+            );
         }
     }
     defense.frus = frus.valid();
@@ -562,6 +585,9 @@ pub fn train(
         "last epoch"
     });
     if let Some(path) = checkpoint {
+        // The finished state goes into the checkpoint before the best epoch's file goes: a run
+        // killed from here on resumes to exactly this result.
+        defense.save(path)?;
         let bp = best_path(path);
         if bp.exists() {
             std::fs::remove_file(&bp).map_err(|e| SfrError::io(&bp, e))?;
@@ -592,6 +618,59 @@ fn perturb_second_half(
     }
     let v = Tensor::from_data(TensorData::new(vs, [n, c, h, w]), &x.device());
     perturbation::apply(x, v, cfg.clip)
+}
+
+/// Ids of the FRUs' parameters in a training run: fixed, in visit order (a loaded defence
+/// gets fresh random ids), so that the optimiser state saved in a checkpoint, which is keyed by
+/// parameter id, finds its parameters again in a resumed run.
+const PARAM_ID_BASE: u64 = 0x5f52_5500_0000;
+
+fn renumber(frus: super::fru::FruSet) -> super::fru::FruSet {
+    struct Renumber(u64);
+    impl ModuleMapper for Renumber {
+        fn map_float<const D: usize>(&mut self, mut p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            p.id = ParamId::from(PARAM_ID_BASE + self.0);
+            self.0 += 1;
+            p
+        }
+    }
+    frus.map(&mut Renumber(0))
+}
+
+/// The checkpoint metadata key holding Adam's state (burn's record bytes, base64).
+const OPTIMIZER_KEY: &str = "sfr_optimizer";
+
+fn optimizer_meta(optim: &ModuleOptimizer) -> Result<BTreeMap<String, String>> {
+    let bytes = optim.into_bytes().map_err(|e| {
+        SfrError::param(
+            "training",
+            format!("cannot record the optimiser state: {e:?}"),
+        )
+    })?;
+    Ok(BTreeMap::from([(
+        OPTIMIZER_KEY.to_string(),
+        base64::engine::general_purpose::STANDARD.encode(&*bytes),
+    )]))
+}
+
+/// Adam's state from a checkpoint (one written before sfr kept it restarts Adam).
+fn load_optimizer(optim: ModuleOptimizer, path: &Path) -> Result<ModuleOptimizer> {
+    let meta = crate::weights::read_safetensors_metadata(path)?;
+    let Some(text) = meta.get(OPTIMIZER_KEY) else {
+        return Ok(optim);
+    };
+    let bad = |why: String| {
+        SfrError::param(
+            "--resume",
+            format!("{}: unreadable optimiser state: {why}", path.display()),
+        )
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| bad(e.to_string()))?;
+    optim
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| bad(format!("{e:?}")))
 }
 
 /// Where the best epoch's weights are kept next to a checkpoint.

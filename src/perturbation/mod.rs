@@ -543,7 +543,7 @@ pub fn write_png(p: &Perturbation, path: &Path) -> Result<()> {
             }
         }
     }
-    crate::fetch::write_atomic(path, &encode_png(rgb, w, h)?)
+    Ok(crate::atomic::write_atomic(path, &encode_png(rgb, w, h)?)?)
 }
 
 /// PNG bytes of an interleaved RGB (H×W×3) 8-bit image.

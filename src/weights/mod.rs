@@ -139,6 +139,9 @@ pub enum WeightsError {
     #[error("{path}: file not found")]
     NotFound { path: PathBuf },
 
+    #[error(transparent)]
+    Write(#[from] crate::atomic::WriteError),
+
     #[error("{path}: I/O error while {action}: {source}")]
     Io {
         path: PathBuf,
@@ -256,6 +259,7 @@ impl WeightsError {
             | Self::UnsupportedDtype { path, .. }
             | Self::NotAStateDict { path, .. }
             | Self::Safetensors { path, .. } => path,
+            Self::Write(e) => &e.path,
         }
     }
 
@@ -307,14 +311,18 @@ pub fn sniff_format(bytes: &[u8]) -> Option<Format> {
 /// Loads a `.pth`/`.pt` checkpoint or a `.safetensors` file, deciding the
 /// format from the file's content.
 pub fn load(path: &Path) -> Result<TensorMap, WeightsError> {
-    let bytes = read_file(path)?;
-    match sniff_format(&bytes) {
-        Some(Format::TorchZip) => pth::load_zip_bytes(path, &bytes),
-        Some(Format::TorchLegacy) => pth::load_legacy_bytes(path, &bytes),
-        Some(Format::Safetensors) => safetensors_io::load_safetensors_bytes(path, &bytes),
+    load_bytes(path, &read_file(path)?)
+}
+
+/// [`load`] on bytes already in memory; `path` is only named in errors.
+pub fn load_bytes(path: &Path, bytes: &[u8]) -> Result<TensorMap, WeightsError> {
+    match sniff_format(bytes) {
+        Some(Format::TorchZip) => pth::load_zip_bytes(path, bytes),
+        Some(Format::TorchLegacy) => pth::load_legacy_bytes(path, bytes),
+        Some(Format::Safetensors) => safetensors_io::load_safetensors_bytes(path, bytes),
         None => Err(WeightsError::UnknownFormat {
             path: path.to_path_buf(),
-            found: hex_prefix(&bytes, 12),
+            found: hex_prefix(bytes, 12),
         }),
     }
 }

@@ -18,10 +18,11 @@ use super::WeightsError;
 /// Index of an object in [`Pickled::objs`].
 pub type Id = usize;
 
-/// Upper bound on objects (and stack entries) one pickle may create, so a
-/// hostile pickle cannot amplify its size into unbounded memory. State dicts
-/// need about 20 objects per tensor.
-const MAX_OBJECTS: usize = 1 << 24;
+/// Upper bound on objects (and stack and memo entries) one pickle may create, so a
+/// hostile pickle cannot amplify its size into unbounded memory: an object costs up to about
+/// 120 bytes from one opcode byte, so this bounds the unpickler near 64 MiB. State dicts need
+/// about 20 objects per tensor: this allows some 25 000 tensors (ResNet-152 has 900).
+const MAX_OBJECTS: usize = 1 << 19;
 
 /// Element types of torch storages and tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -907,7 +908,10 @@ impl<'a> Unpickler<'a> {
                 });
             };
             self.pos += 1;
-            if self.objs.len() >= MAX_OBJECTS || self.stack.len() >= MAX_OBJECTS {
+            if self.objs.len() >= MAX_OBJECTS
+                || self.stack.len() >= MAX_OBJECTS
+                || self.memo.len() >= MAX_OBJECTS
+            {
                 return Err(self.err(
                     at,
                     op,

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, View};
 
@@ -84,6 +84,42 @@ pub fn load_safetensors_bytes(path: &Path, bytes: &[u8]) -> Result<TensorMap, We
             .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
             .max()
             .unwrap_or(0);
+        // Every tensor's shape must match its byte range: the crate only says "invalid
+        // shape, data type, or offset" without naming the tensor or the claim.
+        for (name, v) in obj.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+            let size = match v.get("dtype").and_then(|d| d.as_str()) {
+                Some("F64" | "I64" | "U64") => 8u64,
+                Some("F32" | "I32" | "U32") => 4,
+                Some("F16" | "BF16" | "I16" | "U16") => 2,
+                Some("I8" | "U8" | "BOOL") => 1,
+                _ => continue,
+            };
+            let shape: Option<Vec<u64>> = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+            let offsets: Option<Vec<u64>> = v
+                .get("data_offsets")
+                .and_then(|s| s.as_array())
+                .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+            let (Some(shape), Some(&[b, e])) = (shape, offsets.as_deref()) else {
+                continue;
+            };
+            let needed = shape
+                .iter()
+                .try_fold(size, |a, &d| a.checked_mul(d))
+                .map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+            if e < b || needed != (e - b).to_string() {
+                return Err(WeightsError::BadTensor {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    reason: format!(
+                        "shape {shape:?} of {size}-byte values needs {needed} bytes, but its data_offsets [{b}, {e}] hold {}",
+                        e.saturating_sub(b)
+                    ),
+                });
+            }
+        }
         let available = (bytes.len() as u64).saturating_sub(8 + n);
         if data_end > available {
             return Err(WeightsError::Truncated {
@@ -214,7 +250,7 @@ impl View for F32View<'_> {
 }
 
 /// Writes `map` as F32 safetensors with `metadata` in `__metadata__`.
-/// Atomic: writes `<path>.tmp-<pid>`, syncs it, then renames over `path`.
+/// Atomic, through [`crate::atomic::write_atomic`]: a full disk leaves the previous file intact.
 pub fn save_safetensors(
     map: &TensorMap,
     metadata: &BTreeMap<String, String>,
@@ -234,31 +270,15 @@ pub fn save_safetensors(
             });
         }
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-
     let info: HashMap<String, String> = metadata
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let info = (!info.is_empty()).then_some(info);
     let views = map.iter().map(|(k, t)| (k, F32View(t)));
-    let result = safetensors::serialize_to_file(views, info, &tmp)
-        .map_err(|e| st_err(path, format!("writing {}: {e}", tmp.display())))
-        .and_then(|()| {
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| WeightsError::io(&tmp, "syncing the temporary file", e))
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .map_err(|e| WeightsError::io(path, "renaming the temporary file into place", e))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let bytes = safetensors::serialize(views, info).map_err(|e| st_err(path, e.to_string()))?;
+    crate::atomic::write_atomic(path, &bytes)?;
+    Ok(())
 }
 
 #[cfg(test)]

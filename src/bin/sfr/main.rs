@@ -101,9 +101,12 @@ enum Cmd {
 fn main() {
     // `sfr models | head` ends quietly, as Unix tools do, instead of panicking on a closed stdout.
     #[cfg(unix)]
-    // SAFETY: restores the default disposition of SIGPIPE before any thread starts.
+    // SAFETY: sets the dispositions of SIGPIPE and SIGXFSZ before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A file-size limit (`ulimit -f`) fails the write with EFBIG, reported with the file's
+        // name, instead of killing the process mid-write.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     sfr::alloc::configure();
     let cli = Cli::parse();

@@ -19,13 +19,18 @@ const SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 /// or integer elements of either byte order. Returns h5py's shape, C order, as `f32`.
 pub fn read_h5(path: impl AsRef<Path>, dataset: &str) -> Result<RawArray, ImportError> {
     let path = path.as_ref();
-    let file = open(path)?;
-    read_dataset(&file, path, dataset)
+    let (file, len) = open(path)?;
+    read_dataset(&file, len, path, dataset)
 }
 
 /// `read_any`'s choice: dataset `v`, else the root group's only dataset.
 pub(super) fn read_h5_default(path: &Path) -> Result<RawArray, ImportError> {
-    let file = open(path)?;
+    read_h5_default_bytes(super::read_file(path)?, path)
+}
+
+/// [`read_h5_default`] on bytes in memory; `path` is named in errors.
+pub(super) fn read_h5_default_bytes(bytes: Vec<u8>, path: &Path) -> Result<RawArray, ImportError> {
+    let (file, len) = open_bytes(bytes, path)?;
     let (groups, names) = members(&file, path)?;
     let name = if names.iter().any(|n| n == "v") {
         "v".to_string()
@@ -41,11 +46,16 @@ pub(super) fn read_h5_default(path: &Path) -> Result<RawArray, ImportError> {
                 .collect(),
         });
     };
-    read_dataset(&file, path, &name)
+    read_dataset(&file, len, path, &name)
 }
 
-fn open(path: &Path) -> Result<Hdf5File, ImportError> {
-    let bytes = super::read_file(path)?;
+/// The file, and its length in bytes.
+fn open(path: &Path) -> Result<(Hdf5File, u64), ImportError> {
+    open_bytes(super::read_file(path)?, path)
+}
+
+fn open_bytes(bytes: Vec<u8>, path: &Path) -> Result<(Hdf5File, u64), ImportError> {
+    let len = bytes.len() as u64;
     // The superblock is at 0 or, after a user block, at 512, 1024, 2048, …
     let found = std::iter::successors(Some(0usize), |&o| {
         if o == 0 { Some(512) } else { o.checked_mul(2) }
@@ -73,7 +83,9 @@ fn open(path: &Path) -> Result<Hdf5File, ImportError> {
             found: super::show_bytes(&bytes[..bytes.len().min(16)]),
         });
     }
-    Hdf5File::from_vec(bytes).map_err(|e| h5_error(path, "opening the superblock", e))
+    Hdf5File::from_vec(bytes)
+        .map(|f| (f, len))
+        .map_err(|e| h5_error(path, "opening the superblock", e))
 }
 
 fn h5_error(path: &Path, context: &str, e: H5Error) -> ImportError {
@@ -95,7 +107,17 @@ fn members(file: &Hdf5File, path: &Path) -> Result<(Vec<String>, Vec<String>), I
     Ok((groups, datasets))
 }
 
-fn read_dataset(file: &Hdf5File, path: &Path, name: &str) -> Result<RawArray, ImportError> {
+/// The most bytes a dataset may decode to per byte of file: deflate's maximum ratio is about
+/// 1032:1. A dataset whose chunks were never written reads as its fill value, so a 1 KiB file
+/// can declare 400 GB; the decoder would allocate all of it.
+const MAX_EXPANSION: u64 = 1100;
+
+fn read_dataset(
+    file: &Hdf5File,
+    file_len: u64,
+    path: &Path,
+    name: &str,
+) -> Result<RawArray, ImportError> {
     let context = format!("reading dataset {name:?}");
     let ds = match file.dataset(name) {
         Ok(ds) => ds,
@@ -131,7 +153,22 @@ fn read_dataset(file: &Hdf5File, path: &Path, name: &str) -> Result<RawArray, Im
         context: context.clone(),
         detail: format!("dimensions {shape:?} do not fit in memory"),
     })?;
-    // The decoder bounds its allocations by the file's size (and its read budget).
+    let esize = match ds.dtype() {
+        Datatype::FloatingPoint { size, .. } | Datatype::FixedPoint { size, .. } => *size as u64,
+        _ => 1,
+    };
+    let declared = (count as u64).saturating_mul(esize);
+    if declared > file_len.saturating_mul(MAX_EXPANSION) {
+        return Err(ImportError::Hdf5 {
+            path: path.to_path_buf(),
+            context,
+            detail: format!(
+                "dataset {name:?} declares shape {shape:?} of {esize}-byte values \
+                 ({declared} bytes), more than a {file_len}-byte file can hold even compressed \
+                 {MAX_EXPANSION}:1; refused before allocating"
+            ),
+        });
+    }
     let err = |e| h5_error(path, &context, e);
     macro_rules! read_as {
         ($t:ty) => {

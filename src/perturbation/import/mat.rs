@@ -1,6 +1,16 @@
 //! MATLAB v5 MAT-files (`save -v6`/`-v7`): a 128-byte header, then data elements, each an
 //! `miMATRIX` or an `miCOMPRESSED` (zlib) wrapping one. Numeric arrays are stored column-major;
 //! they are returned in C order with the MATLAB dimensions, as `scipy.io.loadmat` returns them.
+//!
+//! Why our own reader and not the `matfile` crate (0.5): matfile reads all six published
+//! `.mat` files in `../shared/attacks/lts4`, but not safely or clearly enough for files from
+//! strangers: it decompresses `miCOMPRESSED` elements without a bound (`read_to_end`: a zlib
+//! bomb is unbounded memory), multiplies the dimensions in `i32` (`product::<i32>()` overflows
+//! on a 316228×316228 claim: a panic with debug assertions, a wrong count without), `unwrap`s
+//! and `panic!`s on sparse arrays, prints to stderr from the library, reports every failure as
+//! nom's `ErrorKind::Tag` with no offset, and silently drops char/cell/struct variables, so it
+//! cannot say "`note` is a char array" (the importer tests need that: `Unsupported`, not
+//! `NoSuchArray`).
 
 use std::path::Path;
 
@@ -30,7 +40,7 @@ pub fn read_mat(path: impl AsRef<Path>, var: Option<&str>) -> Result<RawArray, I
     parse(&bytes, path, var)
 }
 
-fn parse(bytes: &[u8], path: &Path, var: Option<&str>) -> Result<RawArray, ImportError> {
+pub(super) fn parse(bytes: &[u8], path: &Path, var: Option<&str>) -> Result<RawArray, ImportError> {
     let b = Bytes::new(bytes, path, FORMAT);
     let text = &bytes[..bytes.len().min(116)];
     if text.starts_with(b"MATLAB 7.3") {

@@ -192,6 +192,26 @@ pub fn read_any(path: impl AsRef<Path>) -> Result<RawArray, ImportError> {
     }
 }
 
+/// [`read_any`] on bytes already in memory: the format is chosen by `path`'s extension, and
+/// `path` is named in errors (nothing is read from it).
+pub fn read_any_bytes(path: &Path, bytes: &[u8]) -> Result<RawArray, ImportError> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("npy") => npy::parse(bytes, path),
+        Some("mat") => mat::parse(bytes, path, None),
+        Some("h5") | Some("hdf5") => self::hdf5::read_h5_default_bytes(bytes.to_vec(), path),
+        other => Err(ImportError::UnknownExtension {
+            path: path.to_path_buf(),
+            found: match other {
+                Some(e) => format!(".{e}"),
+                None => "no extension".to_string(),
+            },
+        }),
+    }
+}
+
 /// Read a whole file, naming it in the error.
 fn read_file(path: &Path) -> Result<Vec<u8>, ImportError> {
     std::fs::read(path).map_err(|source| ImportError::Io {
@@ -205,10 +225,7 @@ fn show_bytes(bytes: &[u8]) -> String {
     if bytes.is_empty() {
         return "no bytes (empty)".to_string();
     }
-    let mut s = String::from("bytes ");
-    for b in bytes.iter().take(16) {
-        let _ = write!(s, "{b:02x}");
-    }
+    let mut s = format!("bytes {}", hex::encode(&bytes[..bytes.len().min(16)]));
     if bytes.len() > 16 {
         s.push('…');
     }
@@ -330,7 +347,6 @@ impl<'a> Bytes<'a> {
 /// A stored element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scalar {
-    Bool,
     I8,
     U8,
     I16,
@@ -339,7 +355,6 @@ enum Scalar {
     U32,
     I64,
     U64,
-    F16,
     F32,
     F64,
 }
@@ -347,8 +362,8 @@ enum Scalar {
 impl Scalar {
     fn size(self) -> usize {
         match self {
-            Scalar::Bool | Scalar::I8 | Scalar::U8 => 1,
-            Scalar::I16 | Scalar::U16 | Scalar::F16 => 2,
+            Scalar::I8 | Scalar::U8 => 1,
+            Scalar::I16 | Scalar::U16 => 2,
             Scalar::I32 | Scalar::U32 | Scalar::F32 => 4,
             Scalar::I64 | Scalar::U64 | Scalar::F64 => 8,
         }
@@ -376,7 +391,6 @@ fn decode_scalars(bytes: &[u8], kind: Scalar, big_endian: bool) -> Vec<f32> {
         };
     }
     match kind {
-        Scalar::Bool => bytes.iter().map(|&b| f32::from(u8::from(b != 0))).collect(),
         Scalar::I8 => bytes.iter().map(|&b| f32::from(b as i8)).collect(),
         Scalar::U8 => bytes.iter().map(|&b| f32::from(b)).collect(),
         Scalar::I16 => conv!(i16, 2),
@@ -387,41 +401,7 @@ fn decode_scalars(bytes: &[u8], kind: Scalar, big_endian: bool) -> Vec<f32> {
         Scalar::U64 => conv!(u64, 8),
         Scalar::F32 => conv!(f32, 4),
         Scalar::F64 => conv!(f64, 8),
-        Scalar::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| {
-                let a = [c[0], c[1]];
-                f16_to_f32(if big_endian {
-                    u16::from_be_bytes(a)
-                } else {
-                    u16::from_le_bytes(a)
-                })
-            })
-            .collect(),
     }
-}
-
-/// IEEE binary16 → binary32, exact (every half value is representable).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h & 0x8000) << 16;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let man = u32::from(h & 0x3ff);
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: normalise the mantissa.
-            let mut e = 113u32; // 127 - 15 + 1
-            let mut m = man;
-            while m & 0x400 == 0 {
-                m <<= 1;
-                e -= 1;
-            }
-            sign | (e << 23) | ((m & 0x3ff) << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
-        _ => sign | ((exp + 112) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// The number of elements of `shape`, or `None` on overflow.
@@ -484,19 +464,6 @@ mod tests {
         }
         let c: Vec<f32> = (0..8).map(|v| v as f32).collect();
         assert_eq!(fortran_to_c(&f3, &[2, 2, 2]), c);
-    }
-
-    #[test]
-    fn half_floats() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x03ff), 1023.0 * 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x0400), 2f32.powi(-14));
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
-        assert!(f16_to_f32(0x7e00).is_nan());
-        assert_eq!(f16_to_f32(0x8000).to_bits(), 0x8000_0000);
     }
 
     #[test]

@@ -1,0 +1,7 @@
+//! Published perturbations as `.npy` files, through the importer `sfr perturbation import` uses.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = sfr::perturbation::import::read_any_bytes(std::path::Path::new("fuzz.npy"), data);
+});
