@@ -4,8 +4,9 @@
 # Timeouts (-timeout=10 s an input) and memory blow-ups (-rss_limit_mb=2048) count as crashes.
 # Inputs are cut to FUZZ_MAX_LEN bytes (default 64 KiB): the published files are ~600 KB, and
 # inputs that big run at a few executions a second (small ones at thousands).
-# Crashing inputs land in fuzz/artifacts/<target>/; each found one becomes a regression test in
-# tests/fuzz_regressions.rs. Needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz).
+# Crashing inputs land in fuzz/artifacts/<target>/; each one found becomes a regression test in
+# tests/robustness.rs (beside the bomb tests). Needs the nightly toolchain and cargo-fuzz
+# (cargo install cargo-fuzz).
 # Prints, per target, the executions done and whether it crashed; exits 1 if any did.
 set -uo pipefail
 secs=${1:-60}

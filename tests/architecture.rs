@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// Floors, lowest first: a module may import only modules on a lower floor.
 const FLOORS: &[&[&str]] = &[
-    &["device", "alloc"],
+    &["device", "alloc", "atomic"],
     &["engine"],
     &["data", "weights"],
     &["error"],

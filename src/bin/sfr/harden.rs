@@ -142,7 +142,7 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
             "rounds": rounds,
             "protocol": "round r: SGD-UAP through defence r (sfr attack sgd --defense), evaluated on the test images with defence r; defence r+1: sfr defend on the training UAPs plus every adaptive UAP so far",
         });
-        sfr::fetch::write_atomic(
+        sfr::atomic::write_atomic(
             &report_path,
             serde_json::to_string_pretty(&report)?.as_bytes(),
         )?;
