@@ -234,6 +234,35 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
+/// (clean prediction, prediction under `delta`) of every readable image of `samples` that has a
+/// clean prediction in `clean`.
+fn perturbed_predictions(
+    target: &Classifier,
+    samples: &[Sample],
+    clean: &[Option<usize>],
+    delta: &Tensor<4>,
+    clip: bool,
+    batch_size: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let mut out = Vec::with_capacity(samples.len());
+    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
+        let (batch, _) = load_batch(target.model, chunk, false)?;
+        let Some(b) = batch else { continue };
+        let x = perturbation::apply(b.pixels, delta.clone(), clip);
+        let rows = logits_rows(target.logits(x))?;
+        let mut k = 0;
+        for (j, s) in chunk.iter().enumerate() {
+            if k < b.samples.len() && b.samples[k].path == s.path {
+                if let Some(c) = clean[ci * batch_size + j] {
+                    out.push((c, argmax(&rows[k])));
+                }
+                k += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Fooling rate of `delta` (`[1, 3, h, w]`) on `samples` whose clean predictions are `clean`:
 /// the fraction of readable images whose top-1 label changes.
 pub fn fooling_rate(
@@ -244,30 +273,12 @@ pub fn fooling_rate(
     clip: bool,
     batch_size: usize,
 ) -> Result<f64> {
-    let mut fooled = 0usize;
-    let mut n = 0usize;
-    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(target.model, chunk, false)?;
-        let Some(b) = batch else { continue };
-        let x = perturbation::apply(b.pixels, delta.clone(), clip);
-        let rows = logits_rows(target.logits(x))?;
-        let mut k = 0;
-        for (j, s) in chunk.iter().enumerate() {
-            if k < b.samples.len() && b.samples[k].path == s.path {
-                if let Some(c) = clean[ci * batch_size + j] {
-                    n += 1;
-                    if argmax(&rows[k]) != c {
-                        fooled += 1;
-                    }
-                }
-                k += 1;
-            }
-        }
-    }
-    if n == 0 {
+    let preds = perturbed_predictions(target, samples, clean, delta, clip, batch_size)?;
+    if preds.is_empty() {
         return Err(SfrError::NoImages("no held-out image could be read".into()));
     }
-    Ok(fooled as f64 / n as f64)
+    let fooled = preds.iter().filter(|(c, p)| c != p).count();
+    Ok(fooled as f64 / preds.len() as f64)
 }
 
 /// Targeted success rate of `delta` on `samples`: of the readable images whose clean
@@ -282,34 +293,15 @@ pub fn targeted_success_rate(
     clip: bool,
     batch_size: usize,
 ) -> Result<(f64, usize)> {
-    let mut hit = 0usize;
-    let mut n = 0usize;
-    for (ci, chunk) in samples.chunks(batch_size).enumerate() {
-        let (batch, _) = load_batch(target.model, chunk, false)?;
-        let Some(b) = batch else { continue };
-        let x = perturbation::apply(b.pixels, delta.clone(), clip);
-        let rows = logits_rows(target.logits(x))?;
-        let mut k = 0;
-        for (j, s) in chunk.iter().enumerate() {
-            if k < b.samples.len() && b.samples[k].path == s.path {
-                if let Some(c) = clean[ci * batch_size + j]
-                    && c != class
-                {
-                    n += 1;
-                    if argmax(&rows[k]) == class {
-                        hit += 1;
-                    }
-                }
-                k += 1;
-            }
-        }
-    }
-    if n == 0 {
+    let preds = perturbed_predictions(target, samples, clean, delta, clip, batch_size)?;
+    let eligible: Vec<_> = preds.iter().filter(|(c, _)| *c != class).collect();
+    if eligible.is_empty() {
         return Err(SfrError::NoImages(format!(
             "no held-out image could be read whose clean prediction is not the target {class}"
         )));
     }
-    Ok((hit as f64 / n as f64, n))
+    let hit = eligible.iter().filter(|(_, p)| *p == class).count();
+    Ok((hit as f64 / eligible.len() as f64, eligible.len()))
 }
 
 /// Labels as an `[n, 1]` Int tensor.
