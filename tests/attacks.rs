@@ -422,6 +422,19 @@ fn random_control_and_data_free_attacks_run() {
     assert_eq!(v["attack"], "random");
     let p = Perturbation::load(&r).unwrap();
     assert!((p.linf() - 10.0).abs() < 1e-4);
+    assert!(v["fooling_rate"].as_f64().is_some());
+    // With nothing held out the control is still made; it just has no fooling rate.
+    let v = run_attack(&[
+        "attack",
+        "random",
+        "--data",
+        d,
+        "--holdout",
+        "0",
+        "--out",
+        r.to_str().unwrap(),
+    ]);
+    assert!(v["fooling_rate"].is_null(), "{v}");
     for (m, extra) in [("fff", vec![]), ("gduap", vec!["--prior", "range"])] {
         let out = dir.join(format!("{m}.safetensors"));
         let mut args = vec![

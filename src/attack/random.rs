@@ -26,9 +26,13 @@ pub fn run(ctx: &mut RunContext) -> Result<Perturbation> {
     let mut meta = base_meta(ctx, "random", json!({ "distribution": "random sign" }));
     meta.n_images = 0;
     let hold = &ctx.holdout.samples;
+    let p = finish(values, size, meta)?;
+    if hold.is_empty() {
+        // `--holdout 0`: nothing to measure the control on.
+        return Ok(p);
+    }
     let target = ctx.target()?;
     let clean = clean_predictions(&target, hold, ctx.batch_size, |_| {})?;
-    let p = finish(values, size, meta)?;
     let fr = fooling_rate(
         &target,
         hold,
