@@ -23,7 +23,7 @@ use super::{
     Progress, RunContext, ascent_step, base_meta, finish, load_checkpoint, save_checkpoint,
     tensor_values,
 };
-use crate::classifier::FruGradient;
+use crate::classifier::{Classifier, FruGradient};
 use crate::classifier::{clean_predictions, fooling_rate, label_tensor, load_batch};
 use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
@@ -155,11 +155,17 @@ impl SgdConfig {
     }
 }
 
-/// The number of classes `model` scores (one forward pass of a blank image).
-fn classes(ctx: &RunContext) -> Result<usize> {
-    let s = ctx.model.spec().input_size;
-    let z = Tensor::<4>::zeros([1, 3, s, s], ctx.model.device());
-    Ok(ctx.target()?.logits(z).dims()[1])
+/// The number of classes `target` scores (one forward pass of a blank image).
+fn classes(target: &Classifier) -> usize {
+    let s = target.model.spec().input_size;
+    let z = Tensor::<4>::zeros([1, 3, s, s], target.model.device());
+    target.logits(z).dims()[1]
+}
+
+/// Clean predictions of the training and held-out images (the attack's labels).
+struct Clean<'c> {
+    train: &'c [Option<usize>],
+    hold: &'c [Option<usize>],
 }
 
 /// One restart's outcome.
@@ -174,7 +180,9 @@ struct Outcome {
 pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     cfg.validate()?;
     perturbation::check_eps(ctx.norm, ctx.eps)?;
-    cfg.check_target(classes(ctx)?)?;
+    // What the attack differentiates through, planted once for every restart and epoch.
+    let target = ctx.target_with(cfg.fru_gradient)?;
+    cfg.check_target(classes(&target))?;
     if cfg.restarts > 1 && ctx.holdout.samples.is_empty() {
         return Err(SfrError::param(
             "--restarts",
@@ -182,6 +190,22 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         ));
     }
     let size = ctx.model.spec().input_size;
+    // Labels: the target's clean predictions, the same for every restart.
+    let train = &ctx.train.samples;
+    let clean_train = clean_predictions(&target, train, ctx.batch_size, |d| {
+        (ctx.progress)(&Progress {
+            phase: "clean predictions (train)".into(),
+            done: d,
+            total: train.len(),
+            loss: None,
+            holdout_fooling_rate: None,
+        })
+    })?;
+    let clean_hold = clean_predictions(&target, &ctx.holdout.samples, ctx.batch_size, |_| {})?;
+    let clean = Clean {
+        train: &clean_train,
+        hold: &clean_hold,
+    };
     let mut best: Option<(u64, Outcome)> = None;
     let mut scores = Vec::new();
     for r in 0..cfg.restarts {
@@ -196,7 +220,7 @@ pub fn run(cfg: &SgdConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 s.into()
             }
         });
-        let out = run_once(cfg, ctx, seed, ckpt.as_deref(), r)?;
+        let out = run_once(cfg, ctx, &target, &clean, seed, ckpt.as_deref(), r)?;
         scores.push(out.score);
         if best
             .as_ref()
@@ -289,6 +313,7 @@ fn objective(cfg: &SgdConfig, logits: Tensor<2>, labels: &[usize]) -> Tensor<2> 
 fn score(
     cfg: &SgdConfig,
     ctx: &RunContext,
+    target: &Classifier,
     clean_hold: &[Option<usize>],
     delta: &[f32],
 ) -> Result<Option<f64>> {
@@ -301,11 +326,10 @@ fn score(
         TensorData::new(delta.to_vec(), [1, 3, size, size]),
         ctx.model.device(),
     );
-    let target = ctx.target()?;
     Ok(Some(match cfg.target {
         Some(t) => {
             crate::classifier::targeted_success_rate(
-                &target,
+                target,
                 hold,
                 clean_hold,
                 &dt,
@@ -315,13 +339,15 @@ fn score(
             )?
             .0
         }
-        None => fooling_rate(&target, hold, clean_hold, &dt, ctx.clip, ctx.batch_size)?,
+        None => fooling_rate(target, hold, clean_hold, &dt, ctx.clip, ctx.batch_size)?,
     }))
 }
 
 fn run_once(
     cfg: &SgdConfig,
     ctx: &mut RunContext,
+    target: &Classifier,
+    clean: &Clean,
     seed: u64,
     checkpoint: Option<&std::path::Path>,
     restart: usize,
@@ -331,7 +357,6 @@ fn run_once(
     let dev = model.device().clone();
     let adev = dev.clone().autodiff();
     let fp = cfg.fingerprint(ctx, seed);
-    let target = ctx.target_with(cfg.fru_gradient)?;
 
     let mut delta = vec![0f32; 3 * size * size];
     if cfg.random_start {
@@ -355,18 +380,7 @@ fn run_once(
     }
 
     let train = &ctx.train.samples;
-    let hold = &ctx.holdout.samples;
     let bs = ctx.batch_size;
-    let clean_train = clean_predictions(&target, train, bs, |d| {
-        (ctx.progress)(&Progress {
-            phase: "clean predictions (train)".into(),
-            done: d,
-            total: train.len(),
-            loss: None,
-            holdout_fooling_rate: None,
-        })
-    })?;
-    let clean_hold = clean_predictions(&target, hold, bs, |_| {})?;
     let label = if cfg.restarts > 1 {
         format!("restart {}/{}, ", restart + 1, cfg.restarts)
     } else {
@@ -392,7 +406,7 @@ fn run_once(
             let mut keep = Vec::new();
             for (row, s) in b.samples.iter().enumerate() {
                 if let Some(pos) = samples.iter().position(|t| t.path == s.path)
-                    && let Some(l) = clean_train[idx[pos]]
+                    && let Some(l) = clean.train[idx[pos]]
                     && cfg.target != Some(l)
                 {
                     labels.push(l);
@@ -429,7 +443,7 @@ fn run_once(
                 holdout_fooling_rate: holdout_fr,
             });
         }
-        holdout_fr = score(cfg, ctx, &clean_hold, &delta)?;
+        holdout_fr = score(cfg, ctx, target, clean.hold, &delta)?;
         epochs_run = epoch + 1;
         (ctx.progress)(&Progress {
             phase: format!("{label}epoch {}/{}", epoch + 1, cfg.epochs),
@@ -453,7 +467,7 @@ fn run_once(
         }
     }
     if holdout_fr.is_none() {
-        holdout_fr = score(cfg, ctx, &clean_hold, &delta)?;
+        holdout_fr = score(cfg, ctx, target, clean.hold, &delta)?;
     }
     Ok(Outcome {
         delta,
