@@ -156,6 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 batch_size: batch,
                 checkpoint: None,
                 resume: false,
+                checkpoint_every: sfr::attack::CHECKPOINT_EVERY,
                 progress: &mut report,
                 defense: None,
                 filter: None,

@@ -197,6 +197,7 @@ fn training_perturbation(
         batch_size: 8,
         checkpoint: None,
         resume: false,
+        checkpoint_every: attack::CHECKPOINT_EVERY,
         progress: &mut report,
         defense: None,
         filter: None,

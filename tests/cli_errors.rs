@@ -462,6 +462,19 @@ fn targeted_attack_and_hardening_refuse_bad_input() {
     ]);
     assert_error(&o, &["--target", "sfr attack sgd"]);
     assert!(!out.exists(), "no file for a refused run");
+    for bad in ["-1", "NaN", "inf"] {
+        let o = sfr(&[
+            "attack",
+            "sgd",
+            "--weights",
+            &mobilenet(),
+            &format!("--checkpoint-every={bad}"),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert_error(&o, &["--checkpoint-every", "seconds ≥ 0"]);
+    }
     // --defense names a file or an image-domain filter.
     let o = sfr(&[
         "attack",

@@ -174,6 +174,7 @@ fn run(
         batch_size: 3,
         checkpoint: ckpt,
         resume,
+        checkpoint_every: sfr::attack::CHECKPOINT_EVERY,
         progress: &mut report,
         defense: None,
         filter: None,

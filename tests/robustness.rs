@@ -1,7 +1,8 @@
 //! Nothing lost, nothing crashes: a full disk while `sfr defend` writes its checkpoint leaves the
 //! previous checkpoint intact; files whose headers claim ~10^11 elements are refused without
-//! allocating them (the child's peak RSS is measured); a `sfr defend` killed at random moments
-//! and resumed each time ends bit-identical to an uninterrupted run.
+//! allocating them (the child's peak RSS is measured); `sfr defend`, `sfr attack sgd` and `sfr
+//! attack deepfool`, each killed at ≥ 10 random moments and resumed each time, end bit-identical
+//! to an uninterrupted run.
 
 mod common;
 
@@ -598,41 +599,54 @@ fn tensors_and_training(path: &Path) -> (Vec<Bits>, serde_json::Value) {
     (t, m)
 }
 
-#[test]
-fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
-    let dir = common::scratch("robust_kill");
-    let (data, uap) = defend_material(&dir);
-    let epochs = 12;
-    // The uninterrupted run.
-    let whole = dir.join("whole.safetensors");
-    let _ = std::fs::remove_file(&whole);
+/// What [`kill_anywhere`] did.
+struct Kills {
+    /// SIGKILLs that landed while the run was going.
+    kills: usize,
+    /// Of those, the starts that resumed from a checkpoint.
+    resumes: usize,
+    /// Each start's checkpoint state (`fresh` without one).
+    resumed_from: Vec<String>,
+}
+
+/// Run `args(out)` once uninterrupted to `whole`; then again to `out` with `--resume`,
+/// SIGKILLed at a random moment of each start (up to one `units`-th of the work past the time
+/// of the first checkpoint, so that a start does at most about one unit) and resumed, at least
+/// 10 times, and once more to the end. `state` describes a checkpoint (its epoch and position). Both outputs are
+/// left for the caller to compare.
+fn kill_anywhere(
+    args: &dyn Fn(&Path) -> Vec<String>,
+    whole: &Path,
+    out: &Path,
+    units: u32,
+    state: &dyn Fn(&Path) -> String,
+) -> Kills {
+    for p in [whole, &ckpt_of(whole), out, &ckpt_of(out)] {
+        let _ = std::fs::remove_file(p);
+    }
+    // The uninterrupted run: when its first checkpoint appears (start-up and one unit of work).
     let t0 = Instant::now();
     let mut child = sfr()
-        .args(defend_args(&data, &uap, &whole, epochs, false))
+        .args(args(whole))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // When its first checkpoint appears (start-up and one epoch), and how long an epoch takes.
     let mut first = None;
     while child.try_wait().unwrap().is_none() {
-        if first.is_none() && ckpt_of(&whole).exists() {
+        if first.is_none() && ckpt_of(whole).exists() {
             first = Some(t0.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run_time = t0.elapsed();
     let first = first.expect("the uninterrupted run wrote checkpoints");
-    let epoch = (run_time - first) / (epochs as u32 - 1);
+    let unit = (run_time - first) / units;
 
     // The same run, SIGKILLed at random moments and resumed each time.
-    let out = dir.join("killed.safetensors");
-    let ckpt = ckpt_of(&out);
-    for p in [&out, &ckpt] {
-        let _ = std::fs::remove_file(p);
-    }
+    let ckpt = ckpt_of(out);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         rng ^= rng << 13;
@@ -640,54 +654,69 @@ fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
         rng ^= rng << 17;
         rng
     };
-    let (mut kills, mut resumed_from) = (0, Vec::new());
-    while kills < 12 {
-        let done = ckpt.exists().then(|| epochs_done(&ckpt));
+    let mut k = Kills {
+        kills: 0,
+        resumes: 0,
+        resumed_from: Vec::new(),
+    };
+    while k.kills < 12 {
+        let from = if ckpt.exists() {
+            k.resumes += 1;
+            state(&ckpt)
+        } else {
+            "fresh".to_string()
+        };
         let mut child = sfr()
-            .args(defend_args(&data, &uap, &out, epochs, true))
+            .args(args(out))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Anywhere up to an epoch past this start's first checkpoint: loading, training,
-        // validating, writing a checkpoint.
-        let window = (first + epoch).as_millis() as u64;
-        let ms = 50 + next() % window;
+        // Anywhere up to a unit past this start's first checkpoint: loading, working,
+        // measuring, writing a checkpoint.
+        let window = (first + unit).as_millis() as u64;
+        let ms = 20 + next() % window.max(1);
         std::thread::sleep(Duration::from_millis(ms));
         if child.try_wait().unwrap().is_some() {
+            if from != "fresh" {
+                k.resumes -= 1;
+            }
             break; // finished before this kill
         }
         child.kill().unwrap();
         let _ = child.wait();
-        kills += 1;
-        resumed_from.push(done);
+        k.kills += 1;
+        k.resumed_from.push(from);
     }
-    let o = sfr()
-        .args(defend_args(&data, &uap, &out, epochs, true))
-        .output()
-        .unwrap();
+    let o = sfr().args(args(out)).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eprintln!(
-        "{kills} kills; each resumed from epochs done: {resumed_from:?}; uninterrupted run {:.1} s \
-         (first checkpoint at {:.1} s, {:.2} s an epoch)",
+        "{} kills; each started from: {:?}; uninterrupted run {:.1} s (first checkpoint at \
+         {:.2} s, {:.2} s a unit)",
+        k.kills,
+        k.resumed_from,
         run_time.as_secs_f64(),
         first.as_secs_f64(),
-        epoch.as_secs_f64()
+        unit.as_secs_f64()
     );
     assert!(
-        kills >= 10,
-        "only {kills} kills landed before the run ended"
+        k.kills >= 10,
+        "only {} kills landed before the run ended",
+        k.kills
     );
-    let resumes = resumed_from.iter().flatten().filter(|&&d| d > 0).count();
     assert!(
-        resumes >= 3,
-        "too few kills resumed from a checkpoint: {resumed_from:?}"
+        k.resumes >= 3,
+        "too few kills resumed from a checkpoint: {:?}",
+        k.resumed_from
     );
-    assert!(!ckpt.exists());
-    let (a, ma) = tensors_and_training(&whole);
-    let (b, mb) = tensors_and_training(&out);
+    assert!(!ckpt.exists(), "the finished run left its checkpoint");
+    k
+}
+
+/// Both files' tensors are equal bit for bit.
+fn assert_same_tensors(a: &[Bits], b: &[Bits]) {
     assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
+    for (x, y) in a.iter().zip(b) {
         assert_eq!(x.0, y.0);
         assert_eq!(x.1, y.1, "{}", x.0);
         assert!(
@@ -696,9 +725,171 @@ fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
             x.0
         );
     }
+}
+
+#[test]
+fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
+    let dir = common::scratch("robust_kill");
+    let (data, uap) = defend_material(&dir);
+    let epochs = 12;
+    let (whole, out) = (
+        dir.join("whole.safetensors"),
+        dir.join("killed.safetensors"),
+    );
+    kill_anywhere(
+        &|o| defend_args(&data, &uap, o, epochs, true),
+        &whole,
+        &out,
+        epochs as u32 - 1,
+        &|c| format!("{} epochs", epochs_done(c)),
+    );
+    let (a, ma) = tensors_and_training(&whole);
+    let (b, mb) = tensors_and_training(&out);
+    assert_same_tensors(&a, &b);
     assert_eq!(
         ma["training"]["validation"], mb["training"]["validation"],
         "validation metrics"
     );
+    assert_eq!(ma, mb, "metadata (but the seconds)");
+}
+
+/// `sfr attack METHOD` on the foolbox images, checkpointing after every batch, with `--resume`.
+fn attack_args(method: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "attack",
+        method,
+        "--quiet",
+        "--holdout",
+        "2",
+        "--seed",
+        "5",
+        "--checkpoint-every",
+        "0",
+        "--resume",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    for (k, p) in [("--data", data), ("--out", out)] {
+        v.push(k.into());
+        v.push(p.display().to_string());
+    }
+    v
+}
+
+/// A checkpoint's epoch and position in it.
+fn attack_state(c: &Path) -> String {
+    let m = sfr::weights::read_safetensors_metadata(c).unwrap();
+    format!("{}+{}", m["epochs_done"], m["position"])
+}
+
+/// A perturbation file's values bit for bit, and its metadata with `strip` applied.
+fn perturbation_bits(
+    path: &Path,
+    strip: impl Fn(&mut serde_json::Value),
+) -> (Vec<Bits>, serde_json::Value) {
+    let map = sfr::weights::load(path).unwrap();
+    let t: Vec<Bits> = map
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.shape.clone(),
+                v.data.iter().map(|x| x.to_bits()).collect(),
+            )
+        })
+        .collect();
+    let meta = sfr::weights::read_safetensors_metadata(path).unwrap();
+    let mut m = serde_json::to_value(&meta).unwrap();
+    for (_, v) in m.as_object_mut().unwrap().iter_mut() {
+        if let Some(parsed) = v.as_str().and_then(|s| serde_json::from_str(s).ok()) {
+            *v = parsed;
+        }
+    }
+    strip(&mut m);
+    (t, m)
+}
+
+#[test]
+fn attack_sgd_killed_at_random_moments_and_resumed_ends_byte_identical() {
+    let dir = common::scratch("robust_kill_sgd");
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    // 18 training images in batches of 4: 5 batches an epoch, 8 epochs.
+    let extra = ["--epochs", "8", "--batch-size", "4", "--random-start"];
+    let (whole, out) = (
+        dir.join("whole.safetensors"),
+        dir.join("killed.safetensors"),
+    );
+    let k = kill_anywhere(
+        &|o| attack_args("sgd", &data, o, &extra),
+        &whole,
+        &out,
+        10,
+        &attack_state,
+    );
+    let mid = k
+        .resumed_from
+        .iter()
+        .filter(|s| !s.ends_with("+0") && *s != "fresh")
+        .count();
+    assert!(
+        mid >= 1,
+        "no kill resumed inside an epoch: {:?}",
+        k.resumed_from
+    );
+    // Nothing in an SGD-UAP file depends on the clock: the files are equal byte for byte.
+    assert!(
+        std::fs::read(&whole).unwrap() == std::fs::read(&out).unwrap(),
+        "the resumed run's file differs from the uninterrupted run's"
+    );
+}
+
+#[test]
+fn attack_deepfool_killed_at_random_moments_and_resumed_ends_bit_identical() {
+    let dir = common::scratch("robust_kill_deepfool");
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    // One image at a time (the default), 18 images a pass, at most 8 passes; with δ = 0 it stops
+    // by the rule once a pass finds every image fooled (after 3 passes: nearly all the work is
+    // in the first).
+    let extra = ["--max-passes", "8", "--candidates", "3", "--delta", "0"];
+    let (whole, out) = (
+        dir.join("whole.safetensors"),
+        dir.join("killed.safetensors"),
+    );
+    let k = kill_anywhere(
+        &|o| attack_args("deepfool", &data, o, &extra),
+        &whole,
+        &out,
+        24,
+        &attack_state,
+    );
+    let mid = k
+        .resumed_from
+        .iter()
+        .filter(|s| !s.ends_with("+0") && *s != "fresh")
+        .count();
+    assert!(
+        mid >= 1,
+        "no kill resumed inside a pass: {:?}",
+        k.resumed_from
+    );
+    // The wall-clock seconds aside, everything is equal.
+    let strip = |m: &mut serde_json::Value| {
+        let p = &mut m["sfr_perturbation"]["params"];
+        p.as_object_mut()
+            .unwrap()
+            .remove("seconds_per_pass")
+            .expect("seconds_per_pass");
+        for r in p["passes"].as_array_mut().unwrap() {
+            r.as_object_mut()
+                .unwrap()
+                .remove("seconds")
+                .expect("a pass's seconds");
+        }
+    };
+    let (a, ma) = perturbation_bits(&whole, strip);
+    let (b, mb) = perturbation_bits(&out, strip);
+    assert_same_tensors(&a, &b);
     assert_eq!(ma, mb, "metadata (but the seconds)");
 }

@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
-    Checkpoint, Progress, RunContext, base_meta, finish, load_checkpoint, save_checkpoint,
-    tensor_values,
+    Checkpoint, CheckpointClock, Progress, RunContext, base_meta, finish, load_checkpoint,
+    save_checkpoint, tensor_values,
 };
 use crate::classifier::{argmax, clean_predictions, fooling_rate, load_batch, logits_rows};
 use crate::data::epoch_order;
@@ -399,7 +399,7 @@ pub fn deepfool_chunked(
 }
 
 /// One pass's record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct PassRecord {
     /// Images visited (readable, with a clean prediction).
     visited: usize,
@@ -419,20 +419,60 @@ struct PassRecord {
     seconds: f64,
 }
 
-const HISTORY_KEY: &str = "deepfool_history";
+/// The state of a pass in progress, beside the position in its order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Partial {
+    /// The pass's counts so far.
+    rec: PassRecord,
+    /// DeepFool steps summed over the images it ran on so far.
+    iter_sum: usize,
+    /// Wall time spent in the pass before the checkpoint.
+    seconds: f64,
+}
 
-fn load_history(path: &Path, passes: usize) -> Vec<PassRecord> {
-    let Ok(meta) = weights::read_safetensors_metadata(path) else {
-        return Vec::new();
-    };
-    let mut h: Vec<PassRecord> = meta
-        .get(HISTORY_KEY)
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or_default();
+const HISTORY_KEY: &str = "deepfool_history";
+const PARTIAL_KEY: &str = "deepfool_partial";
+
+fn json_string<T: Serialize + ?Sized>(v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| SfrError::param("checkpoint", format!("could not encode its state: {e}")))
+}
+
+/// A checkpoint's JSON entry `key`, parsed.
+fn checkpoint_entry<T: serde::de::DeserializeOwned>(path: &Path, key: &str) -> Result<T> {
+    let meta = weights::read_safetensors_metadata(path)?;
+    let s = meta.get(key).ok_or_else(|| {
+        SfrError::param(
+            "--resume",
+            format!("checkpoint {} lacks `{key}`", path.display()),
+        )
+    })?;
+    serde_json::from_str(s).map_err(|e| {
+        SfrError::param(
+            "--resume",
+            format!("checkpoint {}: `{key}` is unreadable: {e}", path.display()),
+        )
+    })
+}
+
+/// The records of the `passes` passes a checkpoint has done.
+fn load_history(path: &Path, passes: usize) -> Result<Vec<PassRecord>> {
+    let h: Vec<PassRecord> = checkpoint_entry(path, HISTORY_KEY)?;
     if h.len() != passes {
-        h.clear();
+        return Err(SfrError::param(
+            "--resume",
+            format!(
+                "checkpoint {} records {} passes but says {passes} are done",
+                path.display(),
+                h.len()
+            ),
+        ));
     }
-    h
+    Ok(h)
+}
+
+fn load_partial(path: &Path) -> Result<Partial> {
+    checkpoint_entry(path, PARTIAL_KEY)
 }
 
 fn add_projected(
@@ -469,14 +509,49 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
     let mut start_pass = 0;
     let mut holdout_fr = None;
     let mut history: Vec<PassRecord> = Vec::new();
+    // A run resumed inside a pass: where in the pass's order, and the pass's counts so far.
+    let mut partial: Option<(usize, Partial)> = None;
     if let (true, Some(path)) = (ctx.resume, &ctx.checkpoint)
         && let Some(c) = load_checkpoint(path, &fp)?
     {
         v = c.delta;
         start_pass = c.epochs_done;
         holdout_fr = c.holdout_fooling_rate;
-        history = load_history(path, start_pass);
+        history = load_history(path, start_pass)?;
+        if c.position > 0 {
+            partial = Some((c.position, load_partial(path)?));
+        }
     }
+    let mut clock = CheckpointClock::new(ctx.checkpoint_every);
+    let ckpt_path = ctx.checkpoint.clone();
+    let save = |v: &[f32],
+                passes: usize,
+                position: usize,
+                holdout_fr: Option<f64>,
+                history: &[PassRecord],
+                partial: Option<&Partial>|
+     -> Result<()> {
+        let Some(path) = &ckpt_path else {
+            return Ok(());
+        };
+        // The pass records ride along, so a resumed run knows the stop rule's last value.
+        let mut extra = vec![(HISTORY_KEY, json_string(&history)?)];
+        if let Some(p) = partial {
+            extra.push((PARTIAL_KEY, json_string(p)?));
+        }
+        save_checkpoint(
+            path,
+            &Checkpoint {
+                delta: v.to_vec(),
+                epochs_done: passes,
+                position,
+                holdout_fooling_rate: holdout_fr,
+            },
+            size,
+            &fp,
+            &extra,
+        )
+    };
 
     let train = &ctx.train.samples;
     let hold = &ctx.holdout.samples;
@@ -530,19 +605,25 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 cfg.max_passes
             )
         };
-        let mut rec = PassRecord {
-            visited: 0,
-            fooled: 0,
-            deepfooled: 0,
-            converged: 0,
-            mean_iterations: 0.0,
-            train_fooling_rate: 0.0,
-            holdout_fooling_rate: None,
-            seconds: 0.0,
-        };
-        let mut iter_sum = 0usize;
-        let mut pos = 0;
+        let (
+            mut pos,
+            Partial {
+                mut rec,
+                mut iter_sum,
+                seconds: seconds_before,
+            },
+        ) = partial.take().unwrap_or_default();
+        let mut first = true;
         while pos < order.len() {
+            if !first && clock.due() {
+                let p = Partial {
+                    rec: rec.clone(),
+                    iter_sum,
+                    seconds: seconds_before + t0.elapsed().as_secs_f64(),
+                };
+                save(&v, pass, pos, holdout_fr, &history, Some(&p))?;
+            }
+            first = false;
             // Collect up to `batch` images that the current v does not fool.
             let vt = Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 3, size, size]), &dev);
             let mut pix: Vec<f32> = Vec::new();
@@ -621,7 +702,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         } else {
             0.0
         };
-        rec.seconds = t0.elapsed().as_secs_f64();
+        rec.seconds = seconds_before + t0.elapsed().as_secs_f64();
         if !hold.is_empty() {
             let vt = Tensor::<4>::from_data(TensorData::new(v.clone(), [1, 3, size, size]), &dev);
             holdout_fr = Some(fooling_rate(
@@ -646,21 +727,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
         }
         history.push(rec);
         pass += 1;
-        if let Some(path) = &ctx.checkpoint {
-            // The pass records ride along, so a resumed run knows the stop rule's last value.
-            let hist = serde_json::to_string(&history).unwrap_or_default();
-            save_checkpoint(
-                path,
-                &Checkpoint {
-                    delta: v.clone(),
-                    epochs_done: pass,
-                    holdout_fooling_rate: holdout_fr,
-                },
-                size,
-                &fp,
-                &[(HISTORY_KEY, hist)],
-            )?;
-        }
+        save(&v, pass, 0, holdout_fr, &history, None)?;
     }
     let last = history.last();
     let mut meta = base_meta(

@@ -2,8 +2,11 @@
 //!
 //! Every attack validates its parameters before any work, reports progress with a running
 //! fooling-rate estimate on a held-out slice of the data (label change against the clean
-//! prediction), stops by a stated rule, checkpoints after each epoch (resumable), and repeats
-//! exactly from its seed.
+//! prediction), stops by a stated rule, and repeats exactly from its seed. `sgd` and `deepfool`
+//! checkpoint after each epoch and, inside one, every [`RunContext::checkpoint_every`] of wall
+//! time, at a batch boundary with the whole state (the perturbation, the position in the epoch's
+//! order, the running counts), so a run killed at any moment and resumed ends exactly where an
+//! uninterrupted one does.
 
 pub mod activations;
 pub mod deepfool;
@@ -11,6 +14,7 @@ pub mod random;
 pub mod sgd;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use burn::tensor::Tensor;
 use rand::SeedableRng;
@@ -66,6 +70,9 @@ pub struct RunContext<'a> {
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint if there is one.
     pub resume: bool,
+    /// Inside an epoch, write a checkpoint at the first batch boundary this long after the last
+    /// one (zero: after every batch; [`CHECKPOINT_EVERY`] by default).
+    pub checkpoint_every: Duration,
     /// Progress callback.
     pub progress: &'a mut dyn FnMut(&Progress),
     /// Attack the network with this defence in place (the adaptive attack; `sgd` only).
@@ -150,12 +157,44 @@ pub fn tensor_values(t: Tensor<4>) -> Result<Vec<f32>> {
     })
 }
 
-/// A checkpoint: the perturbation so far and the number of epochs done.
+/// How often `sgd` and `deepfool` checkpoint inside an epoch by default.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// Says when the next checkpoint inside an epoch is due.
+pub struct CheckpointClock {
+    last: Instant,
+    every: Duration,
+}
+
+impl CheckpointClock {
+    /// A clock that first fires `every` from now.
+    pub fn new(every: Duration) -> Self {
+        CheckpointClock {
+            last: Instant::now(),
+            every,
+        }
+    }
+
+    /// Whether a checkpoint is due (and if so, restart the interval).
+    pub fn due(&mut self) -> bool {
+        if self.last.elapsed() >= self.every {
+            self.last = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A checkpoint: the perturbation so far, the epochs done and the position in the next one.
 pub struct Checkpoint {
     /// `[3, h, w]` values.
     pub delta: Vec<f32>,
     /// Epochs completed.
     pub epochs_done: usize,
+    /// Progress in epoch `epochs_done` (the attack's unit: `sgd` batches, `deepfool` images of
+    /// the pass's order); 0 at an epoch boundary.
+    pub position: usize,
     /// Last held-out fooling rate.
     pub holdout_fooling_rate: Option<f64>,
 }
@@ -179,6 +218,7 @@ pub fn save_checkpoint(
     );
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("epochs_done".into(), c.epochs_done.to_string());
+    meta.insert("position".into(), c.position.to_string());
     meta.insert(
         "holdout_fooling_rate".into(),
         c.holdout_fooling_rate
@@ -224,9 +264,20 @@ pub fn load_checkpoint(path: &Path, fingerprint: &str) -> Result<Option<Checkpoi
     let holdout_fooling_rate = meta
         .get("holdout_fooling_rate")
         .and_then(|v| v.parse().ok());
+    // Checkpoints written before mid-epoch ones existed are at an epoch boundary.
+    let position = match meta.get("position") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| {
+            SfrError::param(
+                "--resume",
+                format!("{}: position `{v}` is not a count", path.display()),
+            )
+        })?,
+    };
     Ok(Some(Checkpoint {
         delta,
         epochs_done,
+        position,
         holdout_fooling_rate,
     }))
 }

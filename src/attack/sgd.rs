@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
-    Progress, RunContext, ascent_step, base_meta, finish, load_checkpoint, save_checkpoint,
-    tensor_values,
+    CheckpointClock, Progress, RunContext, ascent_step, base_meta, finish, load_checkpoint,
+    save_checkpoint, tensor_values,
 };
 use crate::classifier::{Classifier, FruGradient};
 use crate::classifier::{clean_predictions, fooling_rate, label_tensor, load_batch};
@@ -369,15 +369,32 @@ fn run_once(
         let t = Tensor::<4>::from_data(TensorData::new(delta, [1, 3, size, size]), &dev);
         delta = tensor_values(perturbation::project(t, ctx.norm, ctx.eps))?;
     }
-    let mut start_epoch = 0;
+    let (mut start_epoch, mut start_batch) = (0, 0);
     let mut holdout_fr = None;
     if let (true, Some(path)) = (ctx.resume, checkpoint)
         && let Some(c) = load_checkpoint(path, &fp)?
     {
         delta = c.delta;
         start_epoch = c.epochs_done;
+        start_batch = c.position;
         holdout_fr = c.holdout_fooling_rate;
     }
+    let mut clock = CheckpointClock::new(ctx.checkpoint_every);
+    let save = |delta: &[f32], epochs_done, position, holdout_fr| match checkpoint {
+        Some(path) => save_checkpoint(
+            path,
+            &super::Checkpoint {
+                delta: delta.to_vec(),
+                epochs_done,
+                position,
+                holdout_fooling_rate: holdout_fr,
+            },
+            size,
+            &fp,
+            &[],
+        ),
+        None => Ok(()),
+    };
 
     let train = &ctx.train.samples;
     let bs = ctx.batch_size;
@@ -394,11 +411,15 @@ fn run_once(
         }
         let step = cfg.step * ctx.eps * cfg.decay.powi(epoch as i32);
         let order = epoch_order(train.len(), seed, epoch);
-        let mut done = 0;
-        for idx in order.chunks(bs) {
+        // A run resumed inside this epoch skips the batches its checkpoint had done.
+        let skip = if epoch == start_epoch { start_batch } else { 0 };
+        for (bi, idx) in order.chunks(bs).enumerate().skip(skip) {
+            if bi > skip && clock.due() {
+                save(&delta, epoch, bi, holdout_fr)?;
+            }
             let samples: Vec<_> = idx.iter().map(|&i| train[i].clone()).collect();
             let (batch, _) = load_batch(model, &samples, false)?;
-            done += idx.len();
+            let done = bi * bs + idx.len();
             let Some(b) = batch else { continue };
             // Labels: the clean prediction of each image that loaded (targeted: images already
             // predicted as the target are left out).
@@ -452,19 +473,7 @@ fn run_once(
             loss: None,
             holdout_fooling_rate: holdout_fr,
         });
-        if let Some(path) = checkpoint {
-            save_checkpoint(
-                path,
-                &super::Checkpoint {
-                    delta: delta.clone(),
-                    epochs_done: epoch + 1,
-                    holdout_fooling_rate: holdout_fr,
-                },
-                size,
-                &fp,
-                &[],
-            )?;
-        }
+        save(&delta, epoch + 1, 0, holdout_fr)?;
     }
     if holdout_fr.is_none() {
         holdout_fr = score(cfg, ctx, target, clean.hold, &delta)?;

@@ -300,6 +300,7 @@ pub fn generate(
                     batch_size: plan.batch_size,
                     checkpoint: Some(ckpt.clone()),
                     resume: true,
+                    checkpoint_every: attack::CHECKPOINT_EVERY,
                     progress: &mut report,
                     defense: match job.job {
                         Job::Sgd {

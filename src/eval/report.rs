@@ -1,6 +1,10 @@
 //! Writing a suite's report: `report.json` (for scripts), `report.md` (for people), and plots
-//! as SVG (grouped bars of restoration accuracy, example images with their labels) and PNG (the
-//! perturbations, contrast-stretched). Every file is written atomically.
+//! as SVG (grouped bars of restoration accuracy, drawn with plotters; example images with their
+//! labels) and PNG (the perturbations, contrast-stretched). Every file is written atomically.
+//!
+//! The examples figure is a grid of embedded PNGs with captions, not a chart, and stays
+//! assembled here: plotters embeds bitmaps only through its `image` feature, which pulls a
+//! second `image` crate (0.24 beside sfr's 0.25).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,7 +44,7 @@ pub fn write(
         .map_err(|e| SfrError::param("report", format!("could not serialise: {e}")))?;
     write_atomic(&json, text.as_bytes())?;
     let bars = dir.join("restoration.svg");
-    write_atomic(&bars, bars_svg(r).as_bytes())?;
+    write_atomic(&bars, bars_svg(r)?.as_bytes())?;
     let examples = if r.examples.is_empty() {
         None
     } else {
@@ -214,94 +218,92 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-const PALETTE: [&str; 8] = [
-    "#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-];
-
-/// Horizontal grouped bars: one group per attack row, one bar per defence column.
-pub fn bars_svg(r: &SuiteReport) -> String {
+/// Horizontal grouped bars (plotters, SVG): one group per attack row, top to bottom in the
+/// report's order, one bar per defence column, a legend of the columns.
+pub fn bars_svg(r: &SuiteReport) -> Result<String> {
+    use plotters::prelude::*;
+    let fail = |e: &dyn std::fmt::Display| SfrError::param("report", format!("plotting: {e}"));
     let ncol = r.columns.len().max(1);
-    let bar = 9.0;
-    let group = bar * ncol as f64 + 10.0;
-    let left = 330.0;
-    let plot_w = 520.0;
-    let top = 50.0;
-    let height = top + group * r.rows.len() as f64 + 60.0;
-    let width = left + plot_w + 40.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="20" font-size="15" font-weight="bold">Restoration accuracy — {} ({} images)</text>"#,
-        left,
-        esc(&r.model),
-        r.n
-    );
-    // Legend.
-    for (i, c) in r.columns.iter().enumerate() {
-        let x = left + i as f64 * 95.0;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{x}" y="30" width="10" height="10" fill="{}"/><text x="{}" y="39">{}</text>"#,
-            PALETTE[i % PALETTE.len()],
-            x + 14.0,
-            esc(&c.name)
-        );
-    }
-    // Grid.
+    let nrow = r.rows.len().max(1);
     let max = r
         .rows
         .iter()
         .flat_map(|row| row.cells.iter().map(|c| c.restoration_accuracy))
         .fold(1.0f64, f64::max);
-    let scale = plot_w / max;
-    for k in 0..=((max * 10.0).ceil() as usize) {
-        let v = k as f64 / 10.0;
-        if v > max + 1e-9 {
-            break;
+    let group_px = 9 * ncol as u32 + 10;
+    let (width, height) = (960u32, 130 + group_px * nrow as u32 + 22 * ncol as u32);
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        // Rows from the top: the y axis runs from nrow down to 0.
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("Restoration accuracy — {} ({} images)", r.model, r.n),
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(330)
+            // Room on the right for the legend, clear of the longest bars.
+            .build_cartesian_2d(0f64..max * 1.22, nrow as f64..0f64)
+            .map_err(|e| fail(&e))?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .light_line_style(WHITE)
+            .y_labels(0)
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 14))
+            .x_desc("(clean top-1 + attacked top-1) / (2 × undefended clean top-1)")
+            .draw()
+            .map_err(|e| fail(&e))?;
+        let pad = 0.1;
+        let bar = (1.0 - 2.0 * pad) / ncol as f64;
+        for (ci, col) in r.columns.iter().enumerate() {
+            let color = Palette99::pick(ci).mix(0.9);
+            chart
+                .draw_series(r.rows.iter().enumerate().filter_map(|(ri, row)| {
+                    let c = row.cells.get(ci)?;
+                    let y0 = ri as f64 + pad + ci as f64 * bar;
+                    Some(Rectangle::new(
+                        [(0.0, y0), (c.restoration_accuracy.max(0.0), y0 + bar * 0.9)],
+                        color.filled(),
+                    ))
+                }))
+                .map_err(|e| fail(&e))?
+                .label(col.name.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
         }
-        let x = left + v * scale;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle" fill="#555">{v:.1}</text>"##,
-            height - 45.0,
-            height - 30.0
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(|e| fail(&e))?;
+        // Row names beside their groups, right-aligned against the axis.
+        let style = TextStyle::from(("sans-serif", 14).into_font()).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Right,
+                plotters::style::text_anchor::VPos::Center,
+            ),
         );
-    }
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="{}" text-anchor="middle" fill="#333">(clean top-1 + attacked top-1) / (2 × undefended clean top-1)</text>"##,
-        left + plot_w / 2.0,
-        height - 10.0
-    );
-    for (ri, row) in r.rows.iter().enumerate() {
-        let y0 = top + ri as f64 * group;
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{}" text-anchor="end">{} <tspan fill="#777">({})</tspan></text>"##,
-            left - 8.0,
-            y0 + group / 2.0,
-            esc(&row.attack),
-            row.category
-        );
-        for (ci, c) in row.cells.iter().enumerate() {
-            let w = (c.restoration_accuracy * scale).max(0.0);
-            let _ = writeln!(
-                s,
-                r#"<rect x="{left}" y="{}" width="{w:.1}" height="{}" fill="{}"><title>{}: {:.3}</title></rect>"#,
-                y0 + ci as f64 * bar,
-                bar - 1.0,
-                PALETTE[ci % PALETTE.len()],
-                esc(&c.defense),
-                c.restoration_accuracy
-            );
+        for (ri, row) in r.rows.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(0.0, ri as f64 + 0.5));
+            root.draw(&Text::new(
+                format!("{} ({})", row.attack, row.category),
+                (x - 8, y),
+                style.clone(),
+            ))
+            .map_err(|e| fail(&e))?;
         }
+        root.present().map_err(|e| fail(&e))?;
     }
-    s.push_str("</svg>\n");
-    s
+    Ok(s)
 }
 
 fn png_base64(chw: &[f32], size: usize) -> Result<String> {
@@ -402,5 +404,92 @@ mod tests {
         );
         assert_eq!(slug("sgd ℓ2 2000"), "sgd_l2_2000");
         assert_eq!(slug("LTS4 UAPs (6 networks)"), "lts4_uaps_6_networks");
+    }
+
+    /// A report of `rows` × `cols` with restoration accuracies i/10 + j/100.
+    fn report(rows: usize, cols: &[&str]) -> SuiteReport {
+        use super::super::suite::{Category, Cell, Column, RowReport};
+        SuiteReport {
+            model: "mobilenet_v2".into(),
+            data: vec![],
+            n: 12,
+            skipped: 0,
+            seed: 0,
+            clip: true,
+            clean_top1: 0.7,
+            defense_file: String::new(),
+            columns: cols
+                .iter()
+                .map(|c| Column {
+                    name: c.to_string(),
+                    description: String::new(),
+                })
+                .collect(),
+            rows: (0..rows)
+                .map(|i| RowReport {
+                    attack: format!("attack <{i}> & co"),
+                    category: if i == 0 {
+                        Category::Seen
+                    } else {
+                        Category::Adaptive
+                    },
+                    budget: "ℓ∞ 10".into(),
+                    provenance: vec![],
+                    files: vec![],
+                    n: 12,
+                    cells: cols
+                        .iter()
+                        .enumerate()
+                        .map(|(j, c)| Cell {
+                            defense: c.to_string(),
+                            clean_top1: 0.7,
+                            attacked_top1: 0.5,
+                            attacked_top5: 0.8,
+                            fooling_rate: 0.3,
+                            restoration_accuracy: i as f64 / 10.0 + j as f64 / 100.0,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            examples: vec![],
+            metrics: serde_json::Value::Null,
+            seconds: 1.0,
+            device: "cpu".into(),
+        }
+    }
+
+    #[test]
+    fn bars_name_every_row_and_column_and_draw_one_bar_per_cell() {
+        let cols = ["none", "sfr", "jpeg75"];
+        let r = report(4, &cols);
+        let svg = bars_svg(&r).unwrap();
+        if let Ok(p) = std::env::var("SFR_DUMP_SVG") {
+            std::fs::write(p, &svg).unwrap();
+        }
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for i in 0..4 {
+            // Escaped by the SVG backend.
+            assert!(
+                svg.contains(&format!("attack &lt;{i}&gt; &amp; co")),
+                "row {i}"
+            );
+        }
+        for c in cols {
+            assert!(svg.lines().any(|l| l.trim() == c), "legend entry {c}");
+        }
+        assert!(svg.contains("Restoration accuracy — mobilenet_v2 (12 images)"));
+        // Bars: one filled rectangle per cell, their widths in proportion to the values.
+        let widths: Vec<f64> = svg
+            .lines()
+            .filter(|l| l.contains("<rect") && l.contains("opacity=\"0.9\""))
+            .filter_map(|l| {
+                let w = l.split("width=\"").nth(1)?.split('"').next()?;
+                w.parse().ok()
+            })
+            .collect();
+        // Each column's legend swatch is drawn the same way: 12 bars + 3 swatches.
+        assert_eq!(widths.len(), 4 * 3 + 3, "{svg}");
+        let max = widths.iter().cloned().fold(0.0, f64::max);
+        assert!(max > 100.0, "the widest bar spans the plot: {max}");
     }
 }

@@ -277,8 +277,44 @@ pub fn save_safetensors(
     let info = (!info.is_empty()).then_some(info);
     let views = map.iter().map(|(k, t)| (k, F32View(t)));
     let bytes = safetensors::serialize(views, info).map_err(|e| st_err(path, e.to_string()))?;
+    let bytes = canonical_header(bytes).map_err(|e| st_err(path, e))?;
     crate::atomic::write_atomic(path, &bytes)?;
     Ok(())
+}
+
+/// The same file with its header's keys in sorted order. The safetensors crate writes the
+/// metadata from a `HashMap`, whose order changes from one process to the next; sorted, the same
+/// tensors and metadata always give the same bytes (a run's output can be compared by hash).
+/// The header stays padded with spaces to a multiple of 8 bytes, as the crate pads it.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let bad = || "the safetensors crate wrote a header this reader cannot parse".to_string();
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(bad)?;
+    let mut top: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("{}: {e}", bad()))?;
+    if let Some(m) = top.remove("__metadata__") {
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(m).map_err(|e| format!("{}: {e}", bad()))?;
+        top.insert(
+            "__metadata__".into(),
+            serde_json::to_value(sorted).map_err(|e| e.to_string())?,
+        );
+    }
+    let mut json = serde_json::to_vec(&top).map_err(|e| e.to_string())?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -315,6 +351,36 @@ mod tests {
             },
         )]);
         assert!(save_safetensors(&bad, &meta, &path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let dir = std::env::temp_dir().join(format!("sfr-st-canon-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        let mut map = TensorMap::new();
+        for i in 0..6 {
+            map.insert(
+                format!("t{i}").as_str(),
+                RawTensor::new(vec![i + 1], vec![i as f32; i + 1]).unwrap(),
+            );
+        }
+        let meta: BTreeMap<String, String> = (0..12)
+            .map(|i| (format!("key{i}"), format!("value \"{i}\"")))
+            .collect();
+        // Each save builds a fresh HashMap for the crate, with its own hash keys.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            save_safetensors(&map, &meta, &path).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+            assert_eq!(n % 8, 0, "header padded to 8 bytes");
+            seen.insert(bytes);
+        }
+        assert_eq!(seen.len(), 1, "one file, byte for byte");
+        assert_eq!(load_safetensors(&path).unwrap(), map);
+        assert_eq!(read_safetensors_metadata(&path).unwrap(), meta);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -124,6 +124,10 @@ pub(crate) struct AttackArgs {
     /// Continue from the checkpoint next to --out (OUT.ckpt) if there is one.
     #[arg(long)]
     pub(crate) resume: bool,
+    /// sgd, deepfool: inside an epoch, checkpoint at the first batch this many seconds after the
+    /// last checkpoint (0: after every batch); every epoch's end is checkpointed too.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub(crate) checkpoint_every: f64,
     /// Print the artefact's metadata as one JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,
@@ -202,6 +206,16 @@ pub(crate) fn attack_run(a: AttackArgs, quiet: bool) -> Result<(Perturbation, f6
     sfr::perturbation::check_eps(a.norm, a.eps)?;
     if a.out.exists() && a.out.is_dir() {
         bail!("--out {} is a folder; give a file name", a.out.display());
+    }
+    if !(a.checkpoint_every >= 0.0 && a.checkpoint_every.is_finite()) {
+        return Err(sfr::error::SfrError::param(
+            "--checkpoint-every",
+            format!(
+                "must be a number of seconds ≥ 0, got {}",
+                a.checkpoint_every
+            ),
+        )
+        .into());
     }
     let mut sgd = SgdConfig::default();
     if let Some(v) = a.epochs {
@@ -359,6 +373,7 @@ pub(crate) fn attack_run(a: AttackArgs, quiet: bool) -> Result<(Perturbation, f6
         batch_size: a.batch_size,
         checkpoint: Some(ckpt.clone()),
         resume: a.resume,
+        checkpoint_every: std::time::Duration::from_secs_f64(a.checkpoint_every),
         progress: &mut report,
         defense: defense.as_ref().map(|d| d as &dyn sfr::classifier::Plant),
         filter: filter
