@@ -212,3 +212,69 @@ fn tap_changes_a_site() {
     assert_eq!(base, again, "forward is deterministic");
     let _ = Path::new(".");
 }
+
+/// The site rule on every zoo family: at most 6 sites in forward order, the stem first, then
+/// every conv but the depthwise ones and the 1×1 expansions, none skipped before the last pick;
+/// on MobileNetV2, the EfficientNet-Lite family, ResNet-18, AlexNet, CaffeNet and VGG-F it gives
+/// their hand placements (on the last two, the paper's release). Prints both placements per family.
+#[test]
+fn site_rule_places_early_convs_on_every_family() {
+    let Some(dir) = common::zoo_reference() else {
+        return;
+    };
+    let dev = sfr::device::default_device();
+    for spec in zoo::specs() {
+        let name = spec.name.to_string();
+        let weights = dir.join(format!("{name}.safetensors"));
+        let model = zoo::load(&name, &weights, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let rule = sfr::defense::rule_sites(&model).unwrap();
+        let hand = sfr::defense::hand_sites(&model);
+        eprintln!("{name}: rule {rule:?}; hand {hand:?}");
+        let sites = model.sites();
+        let max = sfr::defense::RULE_MAX_SITES;
+        assert_eq!(rule.len(), max.min(sites.len()), "{name}: {rule:?}");
+        assert_eq!(rule[0], sites[0].name, "{name}: the stem first");
+        assert_eq!(
+            model.order_sites(&rule).unwrap(),
+            rule,
+            "{name}: forward order"
+        );
+        // Early: after the stem, a site is picked exactly when the rule does not skip it, up to
+        // the last pick.
+        let last = sites
+            .iter()
+            .position(|s| s.name == *rule.last().unwrap())
+            .unwrap();
+        for s in &sites[1..=last] {
+            assert_eq!(
+                rule.contains(&s.name),
+                !sfr::defense::rule_skips(s),
+                "{name}: {} ({} → {}, kernel {:?}, groups {})",
+                s.name,
+                s.in_channels,
+                s.out_channels,
+                s.kernel,
+                s.groups
+            );
+        }
+        if name == "mobilenet_v2"
+            || name.starts_with("efficientnet_lite")
+            || ["resnet18", "alexnet", "caffenet", "vgg_f"].contains(&name.as_str())
+        {
+            assert_eq!(
+                Some(rule.clone()),
+                hand,
+                "{name}: the rule is the hand placement"
+            );
+        }
+        // `--sites rule` names the rule; no --sites, the hand placement.
+        assert_eq!(
+            sfr::defense::resolve_sites(&model, &["rule".to_string()]).unwrap(),
+            rule
+        );
+        assert_eq!(
+            sfr::defense::resolve_sites(&model, &[]).unwrap(),
+            hand.unwrap_or(rule)
+        );
+    }
+}

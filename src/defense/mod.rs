@@ -36,8 +36,71 @@ pub enum Selection {
     Random,
 }
 
-/// The paper's placements (mapped to sfr's site names) and sfr's rule for the other networks.
+/// The FRU sites `sfr defend` uses without `--sites`: the hand placement of the architecture
+/// when there is one ([`hand_sites`]), [`rule_sites`] otherwise (ONNX networks, new
+/// architectures).
 pub fn default_sites(model: &Model) -> Result<Vec<String>> {
+    match hand_sites(model) {
+        Some(v) => Ok(v),
+        None => rule_sites(model),
+    }
+}
+
+/// The sites a user names (`--sites`): none means [`default_sites`], `rule` [`rule_sites`].
+pub fn resolve_sites(model: &Model, named: &[String]) -> Result<Vec<String>> {
+    if named.is_empty() {
+        default_sites(model)
+    } else if named == ["rule"] {
+        rule_sites(model)
+    } else {
+        Ok(named.to_vec())
+    }
+}
+
+/// The sites the rule may place at most: the paper's "at most 6 layers".
+pub const RULE_MAX_SITES: usize = 6;
+
+/// [`rule_sites`] in words.
+pub const RULE: &str = "the stem, then in forward order every conv but the depthwise ones and the 1×1 expansions (1×1 convs that widen their input), at most 6";
+
+/// Whether the rule passes over a site: a depthwise conv, or a 1×1 expansion.
+pub fn rule_skips(s: &crate::zoo::SiteInfo) -> bool {
+    let depthwise = s.groups > 1 && s.groups == s.in_channels;
+    let expansion = s.kernel == [1, 1] && s.out_channels > s.in_channels;
+    depthwise || expansion
+}
+
+/// sfr's site rule, for any network from its sites alone: the stem (the first conv in forward
+/// order), then, in forward order, every conv but the depthwise ones and the 1×1 expansions
+/// ([`rule_skips`]), up to [`RULE_MAX_SITES`] in all. Early layers, as the paper's placements:
+/// on a plain network the first convs (CaffeNet and VGG-F: the paper's release, conv1–conv5;
+/// AlexNet: its hand placement), on a
+/// residual network with expansion blocks the convs that write the narrow trunk (MobileNetV2 and
+/// the EfficientNet-Lite family: their hand placements, the stem and the first five
+/// projections), on ResNet-18 its hand placement. `tests/zoo_parity.rs` prints it beside the
+/// hand placement of every zoo family.
+pub fn rule_sites(model: &Model) -> Result<Vec<String>> {
+    let sites = model.sites();
+    let Some(stem) = sites.first() else {
+        return Err(SfrError::param(
+            "--sites",
+            format!("`{}` has no conv sites to defend", model.spec().name),
+        ));
+    };
+    let mut out = vec![stem.name.clone()];
+    out.extend(
+        sites[1..]
+            .iter()
+            .filter(|s| !rule_skips(s))
+            .take(RULE_MAX_SITES - 1)
+            .map(|s| s.name.clone()),
+    );
+    Ok(out)
+}
+
+/// The paper's placements (mapped to sfr's site names) and sfr's placements of the other zoo
+/// networks; `None` for networks without one.
+pub fn hand_sites(model: &Model) -> Option<Vec<String>> {
     let name: &str = &model.spec().name;
     let v: Vec<&str> = match name {
         // The paper's release: CaffeNet and VGG-F conv1–conv5.
@@ -82,9 +145,9 @@ pub fn default_sites(model: &Model) -> Result<Vec<String>> {
             "layer3.18.conv2",
             "layer4.0.conv2",
         ],
-        // sfr's rule for networks the paper did not defend (at most 6 early sites): the stem conv
-        // and the linear projections of the first five blocks, the narrow outputs that carry the
-        // residual stream forward.
+        // sfr's placements of networks the paper did not defend (at most 6 early sites): the stem
+        // conv and the linear projections of the first five blocks, the narrow outputs that
+        // carry the residual stream forward ([`rule_sites`] states this as a rule).
         "mobilenet_v2" => vec![
             "features.0.0",
             "features.1.conv.1",
@@ -116,16 +179,9 @@ pub fn default_sites(model: &Model) -> Result<Vec<String>> {
             "features.8",
             "features.10",
         ],
-        other => {
-            return Err(SfrError::param(
-                "--sites",
-                format!(
-                    "no default sites for `{other}`; name them with --sites (`sfr rank` with the same --model lists its sites in forward order)"
-                ),
-            ));
-        }
+        _ => return None,
     };
-    Ok(v.into_iter().map(String::from).collect())
+    Some(v.into_iter().map(String::from).collect())
 }
 
 /// A fingerprint of the backbone: SHA-256 over the names, shapes and weights of every conv.
@@ -222,11 +278,7 @@ impl Defense {
                 format!("must be positive, got {}", opts.width_ratio),
             ));
         }
-        let sites = if opts.sites.is_empty() {
-            default_sites(model)?
-        } else {
-            opts.sites.clone()
-        };
+        let sites = resolve_sites(model, &opts.sites)?;
         // Forward order, as the taps see them.
         let ordered = model.order_sites(&sites)?;
         burn::tensor::Device::seed(device, opts.seed);

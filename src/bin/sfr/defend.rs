@@ -40,7 +40,8 @@ pub(crate) struct DefendArgs {
     /// Images held out for the validation restoration estimate after each epoch.
     #[arg(long, default_value_t = 100)]
     pub(crate) val: usize,
-    /// Sites to defend (default: the paper's placement, or sfr's rule; see `sfr rank`).
+    /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
+    /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
     pub(crate) sites: Vec<String>,
     /// Fraction of each site's channels to regenerate.

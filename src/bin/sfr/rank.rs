@@ -47,9 +47,11 @@ pub(crate) fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
     let sites: Vec<String> = if a.sites.is_empty() {
         model.sites().into_iter().map(|s| s.name).collect()
     } else {
-        a.sites.clone()
+        sfr::defense::resolve_sites(&model, &a.sites)?
     };
-    let defaults = sfr::defense::default_sites(&model).unwrap_or_default();
+    let hand = sfr::defense::hand_sites(&model);
+    let rule = sfr::defense::rule_sites(&model).unwrap_or_default();
+    let defaults = hand.clone().unwrap_or_else(|| rule.clone());
     let mut out = Vec::new();
     for s in &sites {
         out.push(sfr::defense::ranking::rank_site(&model, s)?);
@@ -57,9 +59,14 @@ pub(crate) fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string(
-                &json!({ "model": model.spec().name, "default_sites": defaults, "sites": out })
-            )?
+            serde_json::to_string(&json!({
+                "model": model.spec().name,
+                "default_sites": defaults,
+                "hand_sites": hand,
+                "rule_sites": rule,
+                "rule": sfr::defense::RULE,
+                "sites": out
+            }))?
         );
     } else {
         println!(
@@ -72,7 +79,12 @@ pub(crate) fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
             sorted.sort_by(|a, b| a.total_cmp(b));
             let med = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
             let top: Vec<String> = r.order.iter().take(6).map(|c| c.to_string()).collect();
-            let mark = if defaults.contains(&r.site) { " *" } else { "" };
+            let mark = match (defaults.contains(&r.site), rule.contains(&r.site)) {
+                (true, true) => " * r",
+                (true, false) => " *",
+                (false, true) => "   r",
+                (false, false) => "",
+            };
             println!(
                 "{:<34} {:>5}  {:>9.3} {:>9.3}  {}{}",
                 r.site,
@@ -83,20 +95,27 @@ pub(crate) fn rank_cmd(a: RankArgs, quiet: bool) -> Result<()> {
                 mark
             );
         }
-        if !defaults.is_empty() {
-            println!("* default FRU site for {}", model.spec().name);
+        match &hand {
+            Some(_) => println!(
+                "* default FRU site for {} (its hand placement)",
+                model.spec().name
+            ),
+            None => println!(
+                "* default FRU site for {} (no hand placement: the rule's)",
+                model.spec().name
+            ),
         }
+        println!(
+            "r the site rule's choice (`sfr defend --sites rule`): {}",
+            sfr::defense::RULE
+        );
     }
     Ok(())
 }
 
 pub(crate) fn mask_cmd(a: RankArgs, quiet: bool) -> Result<()> {
     let model = load_model(&a.model, quiet)?;
-    let sites = if a.sites.is_empty() {
-        sfr::defense::default_sites(&model)?
-    } else {
-        a.sites.clone()
-    };
+    let sites = sfr::defense::resolve_sites(&model, &a.sites)?;
     let file = a
         .perturbation
         .clone()
