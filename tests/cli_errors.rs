@@ -430,6 +430,11 @@ fn defend_refuses_impossible_training_parameters() {
         &run(&["--keep-best", "--val", "0"]),
         &["--keep-best", "--val"],
     );
+    assert_error(&run(&["--seeds", "0"]), &["--seeds", "at least 1"]);
+    assert_error(
+        &run(&["--seeds", "3", "--val", "0"]),
+        &["--seeds", "--val > 0"],
+    );
     assert!(!out.exists(), "nothing written on a refused run");
 }
 

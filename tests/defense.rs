@@ -475,3 +475,107 @@ fn label_free_losses_train_the_units_on_unlabelled_images() {
         );
     }
 }
+
+/// `defend --seeds 3`: three defences from consecutive seeds on one validation split (the
+/// undefended top-1 on it is the same for each), a summary whose mean and spread are those of
+/// the three files' kept validations, and a rerun with --resume that reuses the files.
+#[test]
+fn defend_seeds_trains_each_seed_on_one_validation_split_and_reports_the_spread() {
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let dir = common::scratch("defense_seeds");
+    let uap = dir.join("uap.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(["attack", "random", "--quiet", "--holdout", "2", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&uap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("d.safetensors");
+    let run = |resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sfr"));
+        c.args([
+            "defend",
+            "--quiet",
+            "--json",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--val",
+            "6",
+            "--seed",
+            "7",
+            "--seeds",
+            "3",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--uap")
+        .arg(&uap)
+        .arg("--out")
+        .arg(&out);
+        if resume {
+            c.arg("--resume");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    for s in 7..10 {
+        let _ = std::fs::remove_file(dir.join(format!("d.seed{s}.safetensors")));
+    }
+    let summary = run(false);
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("d.seeds.json")).unwrap()).unwrap();
+    assert_eq!(summary, on_disk, "the summary printed is the one written");
+    assert_eq!(summary["val_seed"], 7);
+    let runs = summary["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    let mut ra = Vec::new();
+    let mut base = Vec::new();
+    for (k, r) in runs.iter().enumerate() {
+        let seed = 7 + k as u64;
+        assert_eq!(r["seed"], seed);
+        let file = dir.join(format!("d.seed{seed}.safetensors"));
+        let meta = sfr::weights::read_safetensors_metadata(&file).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
+        assert_eq!(m["training"]["config"]["seed"], seed, "{}", file.display());
+        let v = &m["training"]["validation"][0];
+        assert_eq!(&r["validation"], v);
+        ra.push(v["restoration_accuracy"].as_f64().unwrap());
+        base.push(v["baseline_clean_top1"].as_f64().unwrap());
+    }
+    assert!(
+        base.iter().all(|b| *b == base[0]),
+        "one validation split for every seed: {base:?}"
+    );
+    let mean = ra.iter().sum::<f64>() / 3.0;
+    let sd = (ra.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    let got = &summary["restoration_accuracy"];
+    assert!((got["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!((got["sd"].as_f64().unwrap() - sd).abs() < 1e-12);
+    assert_eq!(
+        got["min"].as_f64().unwrap(),
+        ra.iter().cloned().fold(f64::INFINITY, f64::min)
+    );
+    // A rerun with --resume reuses the three files: the same summary.
+    let mtime = std::fs::metadata(dir.join("d.seed8.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let again = run(true);
+    assert_eq!(
+        again["restoration_accuracy"],
+        summary["restoration_accuracy"]
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("d.seed8.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        mtime,
+        "reused, not retrained"
+    );
+}

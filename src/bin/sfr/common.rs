@@ -13,7 +13,7 @@ use sfr::perturbation::{Fit, Perturbation};
 use sfr::zoo::onnx::OnnxPreprocess;
 use sfr::zoo::{self, Model};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct ModelArgs {
     /// Architecture (see `sfr models`), or an ONNX file (`FILE.onnx`).
     #[arg(long, short, default_value = "mobilenet_v2")]
@@ -27,7 +27,7 @@ pub(crate) struct ModelArgs {
 
 /// How an ONNX model's input is prepared (each overrides `MODEL.json` beside the model; the
 /// default is torchvision's: resize to input/0.875, centre crop, ImageNet mean/std, RGB).
-#[derive(Args, Default)]
+#[derive(Args, Default, Clone)]
 pub(crate) struct OnnxArgs {
     /// ONNX models: centre-crop size (needed when the graph's input size is dynamic).
     #[arg(long)]
@@ -173,7 +173,7 @@ pub(crate) struct DataArgs {
 }
 
 /// Training images (`sfr defend`): the same as [`DataArgs`], but required.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct TrainDataArgs {
     /// Training images: `labels.csv` folders, ImageFolder trees or flat folders (unlabelled:
     /// with --pseudo-labels or a label-free --loss); repeat to concatenate.
@@ -184,7 +184,7 @@ pub(crate) struct TrainDataArgs {
 }
 
 /// Which of the images: the class table for ImageFolder trees, and a slice in data order.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct SliceArgs {
     /// Class table (TSV: index, synset, name) for ImageFolder trees; default: fetched.
     #[arg(long)]

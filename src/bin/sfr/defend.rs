@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
@@ -13,7 +13,7 @@ use sfr::perturbation::Perturbation;
 
 use crate::common::*;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct DefendArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
@@ -40,6 +40,13 @@ pub(crate) struct DefendArgs {
     /// Images held out for the validation restoration estimate after each epoch.
     #[arg(long, default_value_t = 100)]
     pub(crate) val: usize,
+    /// Seed of the validation split (default: --seed; with --seeds, the first seed's for all).
+    #[arg(long)]
+    pub(crate) val_seed: Option<u64>,
+    /// Train N defences, seeds SEED…SEED+N−1 on the same validation split, written as
+    /// OUT-STEM.seedK.safetensors, and report their mean and spread (OUT-STEM.seeds.json).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seeds: usize,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -91,6 +98,12 @@ pub(crate) struct DefendArgs {
 }
 
 pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    if a.seeds > 1 {
+        return seeds_cmd(a, quiet);
+    }
     let (json_out, out) = (a.json, a.out.clone());
     let (defense, history, val_n, seconds) = defend_run(a, quiet)?;
     if json_out {
@@ -161,7 +174,7 @@ pub(crate) fn defend_run(
             },
         )
     } else {
-        attack::split_holdout(&ds, a.val, a.seed)?
+        attack::split_holdout(&ds, a.val, a.val_seed.unwrap_or(a.seed))?
     };
     let mut ckpt = a.out.clone().into_os_string();
     ckpt.push(".ckpt");
@@ -237,4 +250,135 @@ pub(crate) fn defend_run(
         val.samples.len(),
         t0.elapsed().as_secs_f64(),
     ))
+}
+
+/// `OUT` with `.seedK` before its extension (`def.safetensors` → `def.seed3.safetensors`), or
+/// with `.NAME` for the summary.
+fn beside(out: &std::path::Path, tag: &str, ext: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!("{stem}.{tag}.{ext}"))
+}
+
+/// The validation of the epoch a defence file kept.
+fn kept_validation(d: &Defense) -> Option<serde_json::Value> {
+    let t = &d.meta.training;
+    let h = t.get("validation")?.as_array()?;
+    let e = t
+        .get("selected_epoch")
+        .and_then(|v| v.as_u64())
+        .map_or(h.len(), |e| e as usize);
+    h.get(e.checked_sub(1)?).cloned()
+}
+
+/// Mean, sample standard deviation, min and max.
+fn spread(xs: &[f64]) -> serde_json::Value {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let sd = if xs.len() > 1 {
+        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let min = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    json!({ "mean": mean, "sd": sd, "min": min, "max": max, "values": xs })
+}
+
+/// `sfr defend --seeds N`: N trainings from consecutive seeds on one validation split, each
+/// written (and, with --resume, reused when its file exists), and their figures' mean and spread.
+fn seeds_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
+    let val_seed = a.val_seed.unwrap_or(a.seed);
+    if a.val == 0 {
+        bail!("--seeds compares the seeds on the validation split; give --val > 0");
+    }
+    let summary_path = beside(&a.out, "seeds", "json");
+    let mut runs = Vec::new();
+    let (mut ra, mut clean, mut drop) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..a.seeds {
+        let mut one = a.clone();
+        one.seed = a.seed + k as u64;
+        one.seeds = 1;
+        one.val_seed = Some(val_seed);
+        one.out = beside(&a.out, &format!("seed{}", one.seed), "safetensors");
+        let (defense, seconds) = if a.resume && one.out.is_file() {
+            let model = load_model(&a.model, true)?;
+            let d = Defense::load(&one.out, &model, model.device())
+                .with_context(|| format!("reusing {}", one.out.display()))?;
+            if !quiet {
+                eprintln!("seed {}: reusing {}", one.seed, one.out.display());
+            }
+            let s = d.meta.training["seconds"].as_f64().unwrap_or(f64::NAN);
+            (d, s)
+        } else {
+            if !quiet {
+                eprintln!("seed {} ({}/{}):", one.seed, k + 1, a.seeds);
+            }
+            let out = one.out.clone();
+            let (d, _, _, s) = defend_run(one, quiet).with_context(|| {
+                format!("training seed {} ({})", a.seed + k as u64, out.display())
+            })?;
+            (d, s)
+        };
+        let v = kept_validation(&defense).context("the defence file records no validation")?;
+        let f = |key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+        ra.push(f("restoration_accuracy"));
+        clean.push(f("defended_clean_top1"));
+        drop.push(f("baseline_clean_top1") - f("defended_clean_top1"));
+        runs.push(json!({
+            "seed": a.seed + k as u64,
+            "file": beside(&a.out, &format!("seed{}", a.seed + k as u64), "safetensors"),
+            "selected_epoch": defense.meta.training.get("selected_epoch"),
+            "validation": v,
+            "seconds": seconds,
+        }));
+        // After each seed, so a kill loses at most the seed in progress.
+        let summary = json!({
+            "seeds": runs.len(),
+            "val_seed": val_seed,
+            "val_images": a.val,
+            "restoration_accuracy": spread(&ra),
+            "defended_clean_top1": spread(&clean),
+            "clean_top1_drop": spread(&drop),
+            "definition": "each seed's validation at its kept epoch; sd is the sample standard deviation",
+            "runs": runs,
+        });
+        sfr::atomic::write_atomic(
+            &summary_path,
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        if k + 1 == a.seeds {
+            if a.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                let pm = |v: &serde_json::Value| {
+                    format!(
+                        "{:.4} ± {:.4} (min {:.4}, max {:.4})",
+                        v["mean"].as_f64().unwrap_or(f64::NAN),
+                        v["sd"].as_f64().unwrap_or(f64::NAN),
+                        v["min"].as_f64().unwrap_or(f64::NAN),
+                        v["max"].as_f64().unwrap_or(f64::NAN)
+                    )
+                };
+                println!(
+                    "wrote {} defences and {}; validation ({} images, split seed {val_seed}):",
+                    a.seeds,
+                    summary_path.display(),
+                    a.val
+                );
+                println!(
+                    "  restoration accuracy {}",
+                    pm(&summary["restoration_accuracy"])
+                );
+                println!(
+                    "  defended clean top-1 {}",
+                    pm(&summary["defended_clean_top1"])
+                );
+                println!("  clean top-1 drop     {}", pm(&summary["clean_top1_drop"]));
+            }
+        }
+    }
+    Ok(())
 }
