@@ -569,6 +569,62 @@ fn weight_and_defence_files_claiming_1e11_elements_are_refused_without_allocatin
     check("defence: tensor of 10^11", "--defense", &shaped, &[&claim]);
 }
 
+// ------------------------------------------------------------ crashes found by fuzzing
+
+/// A `.npy` v1.0 file of three f4 zeros whose header dict carries `extra` before 'shape'.
+fn npy_with_header_extra(extra: &str) -> Vec<u8> {
+    let mut h =
+        format!("{{'descr': '<f4', 'fortran_order': False, {extra}'shape': (3,), }}").into_bytes();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(b' ');
+    }
+    h.push(b'\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((h.len() as u16).to_le_bytes());
+    bytes.extend(&h);
+    bytes.extend([0u8; 12]);
+    bytes
+}
+
+/// Found by `fuzz/run.sh` (target npy, a libFuzzer timeout): a 276-byte `.npy` whose header
+/// nests brackets 60 deep kept npyz's header parser busy for minutes (the parser is
+/// exponential in the nesting). sfr now refuses it at once, naming the nesting; the same
+/// header without the brackets still loads.
+#[test]
+fn npy_header_nested_deep_is_refused_at_once() {
+    let dir = common::scratch("robust_fuzz_npy");
+    let deep = dir.join("nested.npy");
+    std::fs::write(&deep, npy_with_header_extra(&"[".repeat(60))).unwrap();
+    let t0 = Instant::now();
+    let mut child = sfr()
+        .args(["perturbation", "info"])
+        .arg(&deep)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("`sfr perturbation info` still parsing the nested header after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nested.npy") && err.contains("nested 62 levels deep"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Quoted brackets are text, not nesting; the header without extra brackets loads.
+    let plain = dir.join("plain.npy");
+    std::fs::write(&plain, npy_with_header_extra("'k[[[[[[[[[[': 1, ")).unwrap();
+    let a = sfr::perturbation::import::read_any(&plain).unwrap();
+    assert_eq!(a.shape, vec![3]);
+}
+
 // ------------------------------------------------------------ kill anywhere, resume exactly
 
 /// A tensor's name, shape and bits.

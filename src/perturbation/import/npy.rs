@@ -17,6 +17,29 @@ const MAGIC: &[u8; 6] = b"\x93NUMPY";
 const SUPPORTED: &str =
     "float '<f2'/'<f4'/'<f8', signed/unsigned integers of 1–8 bytes and bool, either byte order";
 
+/// The deepest header nesting read: numpy's plain headers nest 2 deep, structured dtypes a few
+/// more (those are refused after parsing anyway).
+const MAX_NESTING: usize = 8;
+
+/// The deepest nesting of `(`, `[` and `{` in `text`, outside quoted strings.
+fn nesting(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut quote) = (0usize, 0usize, None);
+    for &c in text {
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some(c),
+            (None, b'(' | b'[' | b'{') => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            (None, b')' | b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Read a `.npy` file: float (`f2`/`f4`/`f8`), integer or bool elements of either byte order,
 /// C or Fortran order; returns numpy's shape with the data in C order, as `f32`.
 pub fn read_npy(path: impl AsRef<Path>) -> Result<RawArray, ImportError> {
@@ -48,7 +71,21 @@ pub(super) fn parse(bytes: &[u8], path: &Path) -> Result<RawArray, ImportError> 
         }
     };
     // The whole header is in the file before npyz reads (and allocates) it.
-    b.slice(header_start, header_len, "header dict")?;
+    let text = b.slice(header_start, header_len, "header dict")?;
+    // npyz's parser of the header's Python literal takes time exponential in bracket nesting
+    // (a 276-byte header nesting 60 deep ran for minutes: found by fuzzing); numpy writes a
+    // plain array's header two levels deep (the dict and the shape tuple).
+    let depth = nesting(text);
+    if depth > MAX_NESTING {
+        return Err(b.malformed(
+            header_start,
+            "header dict",
+            "a dict literal with 'descr', 'fortran_order' and 'shape'",
+            format!(
+                "brackets nested {depth} levels deep (numpy writes 2; at most {MAX_NESTING} are read)"
+            ),
+        ));
+    }
     let data_start = header_start + header_len;
     let header = NpyHeader::from_reader(&bytes[..data_start]).map_err(|e| {
         b.malformed(
