@@ -264,7 +264,7 @@ fn uap_respects_budgets_repeats_and_resumes() {
 fn impossible_parameters_are_refused() {
     let d = DeepFoolConfig::default();
     assert_eq!(d.candidates, 10);
-    assert_eq!(d.overshoot, 30.0);
+    assert_eq!(d.overshoot, 5.0);
     assert_eq!(d.max_iter, 10);
     assert_eq!(d.delta, 0.2);
     assert_eq!(d.max_passes, 10);

@@ -86,8 +86,9 @@ pub(crate) struct AttackArgs {
     #[arg(long, default_value_t = 10)]
     pub(crate) candidates: usize,
     /// deepfool: overshoot: DeepFool's step is (1 + overshoot)·Σr (the UAP paper: 0.02; sfr's
-    /// default was measured stronger, see the README).
-    #[arg(long, default_value_t = 30.0)]
+    /// default was measured stronger, see the README; 30 is stronger on a single pass over
+    /// about 100 images).
+    #[arg(long, default_value_t = 5.0)]
     pub(crate) overshoot: f64,
     /// deepfool: the UAP paper's settings exactly (overshoot 0.02).
     #[arg(long, conflicts_with = "overshoot")]
