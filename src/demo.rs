@@ -120,6 +120,7 @@ pub fn run(opts: &DemoOptions, obs: &mut dyn Observer) -> Result<(SuiteReport, W
         deepfool: Some(DeepFoolConfig {
             max_passes: 1,
             max_images_per_pass: Some(20),
+            overshoot: attack::deepfool::ONE_PASS_OVERSHOOT,
             ..Default::default()
         }),
         holdout: 20,

@@ -57,6 +57,12 @@ use crate::perturbation::{self, Norm, Perturbation};
 use crate::weights;
 use crate::zoo::{Model, NoTap};
 
+/// The overshoot for a single short pass (the suite's and the demo's DeepFool rows: one pass
+/// over at most about 100 images). There a large overshoot fills the box sooner: on one pass over
+/// 100 imagenet-sample images, 30 fools 0.37 of 300 nips17 images where the default 5 fools 0.32;
+/// over the whole data set the default is the stronger (module docs).
+pub const ONE_PASS_OVERSHOOT: f64 = 30.0;
+
 /// Parameters of UAP with DeepFool.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeepFoolConfig {

@@ -106,6 +106,7 @@ impl Default for GeneratePlan {
             activation_iterations: 200,
             deepfool: Some(DeepFoolConfig {
                 max_passes: 1,
+                overshoot: crate::attack::deepfool::ONE_PASS_OVERSHOOT,
                 ..DeepFoolConfig::default()
             }),
             adaptive: true,

@@ -255,6 +255,7 @@ pub(crate) fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
             deepfool: (a.deepfool_images > 0).then(|| attack::deepfool::DeepFoolConfig {
                 max_passes: 1,
                 max_images_per_pass: Some(a.deepfool_images),
+                overshoot: attack::deepfool::ONE_PASS_OVERSHOOT,
                 ..Default::default()
             }),
             adaptive: !a.no_adaptive,
