@@ -261,7 +261,12 @@ pub fn bars_svg(r: &SuiteReport) -> Result<String> {
         let pad = 0.1;
         let bar = (1.0 - 2.0 * pad) / ncol as f64;
         for (ci, col) in r.columns.iter().enumerate() {
-            let color = Palette99::pick(ci).mix(0.9);
+            // The undefended column (always the first) in grey, the defences in colour.
+            let color = if ci == 0 {
+                RGBColor(158, 158, 158).mix(0.9)
+            } else {
+                Palette99::pick(ci - 1).mix(0.9)
+            };
             chart
                 .draw_series(r.rows.iter().enumerate().filter_map(|(ri, row)| {
                     let c = row.cells.get(ci)?;
