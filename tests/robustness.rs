@@ -625,6 +625,31 @@ fn npy_header_nested_deep_is_refused_at_once() {
     assert_eq!(a.shape, vec![3]);
 }
 
+/// Found by `fuzz/run.sh` (target h5, a panic): a 1132-byte HDF5 file whose layout message
+/// declares dimensions of 2³² − 1 makes hdf5-reader 0.12.1 multiply them without an overflow
+/// check. Release builds wrap and refuse the file; builds with overflow checks panicked inside
+/// the decoder, and sfr now turns that into an error too. Either way: an error naming the file.
+#[test]
+fn h5_layout_dimensions_overflowing_are_an_error() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-h5-layout-overflow.h5");
+    let e = sfr::perturbation::import::read_any(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fuzz-h5-layout-overflow.h5") && e.contains("HDF5"),
+        "{e}"
+    );
+    let o = sfr()
+        .args(["perturbation", "info"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 // ------------------------------------------------------------ kill anywhere, resume exactly
 
 /// A tensor's name, shape and bits.

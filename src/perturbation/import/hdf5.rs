@@ -19,8 +19,32 @@ const SIGNATURE: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 /// or integer elements of either byte order. Returns h5py's shape, C order, as `f32`.
 pub fn read_h5(path: impl AsRef<Path>, dataset: &str) -> Result<RawArray, ImportError> {
     let path = path.as_ref();
-    let (file, len) = open(path)?;
-    read_dataset(&file, len, path, dataset)
+    guarded(path, || {
+        let (file, len) = open(path)?;
+        read_dataset(&file, len, path, dataset)
+    })
+}
+
+/// Run the decoder, turning a panic inside it into an error that names the file. hdf5-reader
+/// 0.12.1 multiplies a layout message's dimensions without an overflow check (found by fuzzing:
+/// a 1132-byte file with dimensions of 2³² − 1), which panics in builds with overflow checks;
+/// a decoder of hostile files must not take the process down with it.
+fn guarded(
+    path: &Path,
+    read: impl FnOnce() -> Result<RawArray, ImportError>,
+) -> Result<RawArray, ImportError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        Err(ImportError::Hdf5 {
+            path: path.to_path_buf(),
+            context: "decoding".to_string(),
+            detail: format!("the HDF5 decoder (hdf5-reader) failed: {why}"),
+        })
+    })
 }
 
 /// `read_any`'s choice: dataset `v`, else the root group's only dataset.
@@ -30,6 +54,10 @@ pub(super) fn read_h5_default(path: &Path) -> Result<RawArray, ImportError> {
 
 /// [`read_h5_default`] on bytes in memory; `path` is named in errors.
 pub(super) fn read_h5_default_bytes(bytes: Vec<u8>, path: &Path) -> Result<RawArray, ImportError> {
+    guarded(path, || read_default(bytes, path))
+}
+
+fn read_default(bytes: Vec<u8>, path: &Path) -> Result<RawArray, ImportError> {
     let (file, len) = open_bytes(bytes, path)?;
     let (groups, names) = members(&file, path)?;
     let name = if names.iter().any(|n| n == "v") {
@@ -223,5 +251,28 @@ fn unsupported_type(path: &Path, name: &str, dtype: &Datatype) -> ImportError {
         location: format!("dataset {name:?}"),
         feature: format!("element type {dtype:?}"),
         supported: "IEEE floats of 32 or 64 bits and integers of 8 to 64 bits".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_the_decoder_is_an_error_naming_the_file() {
+        let path = Path::new("bad.h5");
+        let e = guarded(path, || panic!("attempt to multiply with overflow")).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("bad.h5") && s.contains("attempt to multiply with overflow"),
+            "{s}"
+        );
+        let ok = guarded(path, || {
+            Ok(RawArray {
+                shape: vec![1],
+                data: vec![2.0],
+            })
+        });
+        assert_eq!(ok.unwrap().data, vec![2.0]);
     }
 }
