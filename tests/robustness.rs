@@ -658,18 +658,7 @@ type Bits = (String, Vec<usize>, Vec<u32>);
 /// Every tensor of a safetensors file, bit for bit, and its `sfr_defense` metadata without
 /// the wall-clock seconds.
 fn tensors_and_training(path: &Path) -> (Vec<Bits>, serde_json::Value) {
-    let map = sfr::weights::load(path).unwrap();
-    let mut t: Vec<Bits> = map
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                v.shape.clone(),
-                v.data.iter().map(|x| x.to_bits()).collect(),
-            )
-        })
-        .collect();
-    t.sort();
+    let t = tensor_bits(path);
     let meta = sfr::weights::read_safetensors_metadata(path).unwrap();
     let mut m: serde_json::Value = serde_json::from_str(&meta["sfr_defense"]).unwrap();
     m["training"]
@@ -702,6 +691,10 @@ fn kill_anywhere(
     units: u32,
     state: &dyn Fn(&Path) -> String,
 ) -> Kills {
+    // One at a time: the pace measured on the uninterrupted run holds only if no other kill
+    // test starts or stops beside it.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for p in [whole, &ckpt_of(whole), out, &ckpt_of(out)] {
         let _ = std::fs::remove_file(p);
     }
@@ -735,40 +728,59 @@ fn kill_anywhere(
         rng ^= rng << 17;
         rng
     };
-    let mut k = Kills {
-        kills: 0,
-        resumes: 0,
-        resumed_from: Vec::new(),
-    };
-    while k.kills < 12 {
-        let from = if ckpt.exists() {
-            k.resumes += 1;
-            state(&ckpt)
-        } else {
-            "fresh".to_string()
-        };
-        let mut child = sfr()
-            .args(args(out))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Anywhere up to a unit past this start's first checkpoint: loading, working,
-        // measuring, writing a checkpoint.
-        let window = (first + unit).as_millis() as u64;
-        let ms = 20 + next() % window.max(1);
-        std::thread::sleep(Duration::from_millis(ms));
-        if child.try_wait().unwrap().is_some() {
-            if from != "fresh" {
-                k.resumes -= 1;
-            }
-            break; // finished before this kill
+    // If the run ends before 10 kills landed (a start went faster than the uninterrupted run's
+    // pace, which was measured on a busy machine), start over with half the window.
+    let mut scale = 1;
+    let k = loop {
+        for p in [out, &ckpt] {
+            let _ = std::fs::remove_file(p);
         }
-        child.kill().unwrap();
-        let _ = child.wait();
-        k.kills += 1;
-        k.resumed_from.push(from);
-    }
+        let mut k = Kills {
+            kills: 0,
+            resumes: 0,
+            resumed_from: Vec::new(),
+        };
+        let mut finished = false;
+        while k.kills < 12 {
+            let from = if ckpt.exists() {
+                k.resumes += 1;
+                state(&ckpt)
+            } else {
+                "fresh".to_string()
+            };
+            let mut child = sfr()
+                .args(args(out))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            // Anywhere up to a unit past this start's first checkpoint: loading, working,
+            // measuring, writing a checkpoint.
+            let window = ((first + unit).as_millis() as u64 / scale).max(1);
+            let ms = 20 + next() % window;
+            std::thread::sleep(Duration::from_millis(ms));
+            if child.try_wait().unwrap().is_some() {
+                if from != "fresh" {
+                    k.resumes -= 1;
+                }
+                finished = true;
+                break; // finished before this kill
+            }
+            child.kill().unwrap();
+            let _ = child.wait();
+            k.kills += 1;
+            k.resumed_from.push(from);
+        }
+        if k.kills >= 10 || !finished || scale >= 8 {
+            break k;
+        }
+        eprintln!(
+            "the run ended after {} kills; again with the window / {}",
+            k.kills,
+            scale * 2
+        );
+        scale *= 2;
+    };
     let o = sfr().args(args(out)).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     eprintln!(
@@ -865,13 +877,10 @@ fn attack_state(c: &Path) -> String {
     format!("{}+{}", m["epochs_done"], m["position"])
 }
 
-/// A perturbation file's values bit for bit, and its metadata with `strip` applied.
-fn perturbation_bits(
-    path: &Path,
-    strip: impl Fn(&mut serde_json::Value),
-) -> (Vec<Bits>, serde_json::Value) {
+/// Every tensor of a safetensors file, bit for bit, sorted by name.
+fn tensor_bits(path: &Path) -> Vec<Bits> {
     let map = sfr::weights::load(path).unwrap();
-    let t: Vec<Bits> = map
+    let mut t: Vec<Bits> = map
         .iter()
         .map(|(k, v)| {
             (
@@ -881,6 +890,16 @@ fn perturbation_bits(
             )
         })
         .collect();
+    t.sort();
+    t
+}
+
+/// A perturbation file's values bit for bit, and its metadata with `strip` applied.
+fn perturbation_bits(
+    path: &Path,
+    strip: impl Fn(&mut serde_json::Value),
+) -> (Vec<Bits>, serde_json::Value) {
+    let t = tensor_bits(path);
     let meta = sfr::weights::read_safetensors_metadata(path).unwrap();
     let mut m = serde_json::to_value(&meta).unwrap();
     for (_, v) in m.as_object_mut().unwrap().iter_mut() {
