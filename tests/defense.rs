@@ -137,25 +137,9 @@ fn ranking_is_by_l1_norm_and_random_selection_differs() {
 
 #[test]
 fn killed_defend_resumes_losing_at_most_one_epoch() {
-    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
     let dir = common::scratch("defense_resume");
     // A training perturbation: the random control is enough to exercise the loop.
-    let uap = dir.join("uap.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
-        .args([
-            "attack",
-            "random",
-            "--quiet",
-            "--holdout",
-            "2",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-        ])
-        .arg(&uap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
     let out: PathBuf = dir.join("d.safetensors");
     let ckpt = dir.join("d.safetensors.ckpt");
     let _ = std::fs::remove_file(&out);
@@ -481,17 +465,8 @@ fn label_free_losses_train_the_units_on_unlabelled_images() {
 /// the three files' kept validations, and a rerun with --resume that reuses the files.
 #[test]
 fn defend_seeds_trains_each_seed_on_one_validation_split_and_reports_the_spread() {
-    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
     let dir = common::scratch("defense_seeds");
-    let uap = dir.join("uap.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
-        .args(["attack", "random", "--quiet", "--holdout", "2", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&uap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
     let out = dir.join("d.safetensors");
     let run = |resume: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_sfr"));

@@ -33,23 +33,6 @@ fn output_with_fsize_limit(cmd: &mut Command, limit: u64) -> Output {
     cmd.output().expect("spawn sfr")
 }
 
-/// The foolbox images and a random training perturbation for them, made once per folder.
-fn defend_material(dir: &Path) -> (PathBuf, PathBuf) {
-    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
-    let uap = dir.join("uap.safetensors");
-    if !uap.is_file() {
-        let o = sfr()
-            .args(["attack", "random", "--quiet", "--holdout", "2", "--data"])
-            .arg(&data)
-            .arg("--out")
-            .arg(&uap)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    (data, uap)
-}
-
 fn defend_args(data: &Path, uap: &Path, out: &Path, epochs: usize, resume: bool) -> Vec<String> {
     let mut v: Vec<String> = [
         "defend",
@@ -115,7 +98,7 @@ fn run_until_first_checkpoint(args: &[String], ckpt: &Path) {
 #[test]
 fn full_disk_while_defend_writes_its_checkpoint_leaves_the_previous_one() {
     let dir = common::scratch("robust_fsize");
-    let (data, uap) = defend_material(&dir);
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
     let out = dir.join("d.safetensors");
     let ckpt = ckpt_of(&out);
     let _ = std::fs::remove_file(&out);
@@ -823,7 +806,7 @@ fn assert_same_tensors(a: &[Bits], b: &[Bits]) {
 #[test]
 fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
     let dir = common::scratch("robust_kill");
-    let (data, uap) = defend_material(&dir);
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
     let epochs = 12;
     let (whole, out) = (
         dir.join("whole.safetensors"),

@@ -108,3 +108,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The foolbox images and a random-sign training perturbation for them (`sfr attack random`),
+/// made once per folder: material for tests that train a defence.
+pub fn foolbox_and_random_uap(dir: &Path) -> (PathBuf, PathBuf) {
+    let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
+    let uap = dir.join("uap.safetensors");
+    if !uap.is_file() {
+        let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+            .args(["attack", "random", "--quiet", "--holdout", "2", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&uap)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    (data, uap)
+}
