@@ -660,21 +660,34 @@ struct Kills {
     resumes: usize,
     /// Each start's checkpoint state (`fresh` without one).
     resumed_from: Vec<String>,
+    /// Runs taken to the end (each one compared with the uninterrupted run).
+    runs: usize,
+}
+
+/// The checkpoint's modification time, if there is one.
+fn written_at(ckpt: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(ckpt).and_then(|m| m.modified()).ok()
 }
 
 /// Run `args(out)` once uninterrupted to `whole`; then again to `out` with `--resume`,
-/// SIGKILLed at a random moment of each start (up to one `units`-th of the work past the time
-/// of the first checkpoint, so that a start does at most about one unit) and resumed, at least
-/// 10 times, and once more to the end. `state` describes a checkpoint (its epoch and position). Both outputs are
-/// left for the caller to compare.
+/// SIGKILLed at random moments and resumed each time until it ends, and `same(whole, out)`
+/// checks the result. Starts alternate between two kinds of kill: at a random moment up to a
+/// unit (one `units`-th of the work) past the uninterrupted run's first checkpoint (start-up,
+/// loading, working, writing), and a random fraction of a unit after this start has written a
+/// checkpoint of its own (so that every other start makes progress whatever the machine's
+/// pace). Runs are repeated from scratch until at least 10 kills landed, at least 3 of them
+/// on a start that had resumed, and `enough` holds. `state` describes a checkpoint (its epoch
+/// and position).
 fn kill_anywhere(
     args: &dyn Fn(&Path) -> Vec<String>,
     whole: &Path,
     out: &Path,
     units: u32,
     state: &dyn Fn(&Path) -> String,
+    enough: &dyn Fn(&Kills) -> bool,
+    same: &dyn Fn(&Path, &Path),
 ) -> Kills {
-    // One at a time: the pace measured on the uninterrupted run holds only if no other kill
+    // One at a time: the pace measured on the uninterrupted run holds best if no other kill
     // test starts or stops beside it.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -702,7 +715,6 @@ fn kill_anywhere(
     let first = first.expect("the uninterrupted run wrote checkpoints");
     let unit = (run_time - first) / units;
 
-    // The same run, SIGKILLed at random moments and resumed each time.
     let ckpt = ckpt_of(out);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
@@ -711,81 +723,87 @@ fn kill_anywhere(
         rng ^= rng << 17;
         rng
     };
-    // If the run ends before 10 kills landed (a start went faster than the uninterrupted run's
-    // pace, which was measured on a busy machine), start over with half the window.
-    let mut scale = 1;
-    let k = loop {
+    let mut k = Kills {
+        kills: 0,
+        resumes: 0,
+        resumed_from: Vec::new(),
+        runs: 0,
+    };
+    while k.runs < 6 && !(k.kills >= 10 && k.resumes >= 3 && enough(&k)) {
         for p in [out, &ckpt] {
             let _ = std::fs::remove_file(p);
         }
-        let mut k = Kills {
-            kills: 0,
-            resumes: 0,
-            resumed_from: Vec::new(),
-        };
-        let mut finished = false;
-        while k.kills < 12 {
-            let from = if ckpt.exists() {
-                k.resumes += 1;
-                state(&ckpt)
-            } else {
-                "fresh".to_string()
+        let mut start = 0u64;
+        loop {
+            let from = if ckpt.exists() { "resumed" } else { "fresh" };
+            let before = written_at(&ckpt);
+            let label = match before {
+                Some(_) => state(&ckpt),
+                None => "fresh".to_string(),
             };
             let mut child = sfr()
                 .args(args(out))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            // Anywhere up to a unit past this start's first checkpoint: loading, working,
-            // measuring, writing a checkpoint.
-            let window = ((first + unit).as_millis() as u64 / scale).max(1);
-            let ms = 20 + next() % window;
-            std::thread::sleep(Duration::from_millis(ms));
-            if child.try_wait().unwrap().is_some() {
-                if from != "fresh" {
-                    k.resumes -= 1;
+            let t = Instant::now();
+            let deadline = if start.is_multiple_of(2) {
+                // Anywhere up to a unit past the first checkpoint's time.
+                let window = (first + unit).as_millis() as u64;
+                Duration::from_millis(20 + next() % window.max(1))
+            } else {
+                // A random fraction of a unit after this start's own first checkpoint.
+                let limit = run_time * 4 + Duration::from_secs(30);
+                while child.try_wait().unwrap().is_none()
+                    && written_at(&ckpt) == before
+                    && t.elapsed() < limit
+                {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-                finished = true;
-                break; // finished before this kill
+                t.elapsed() + Duration::from_millis(next() % (unit.as_millis() as u64).max(1))
+            };
+            while child.try_wait().unwrap().is_none() && t.elapsed() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            start += 1;
+            if child.try_wait().unwrap().is_some() {
+                // It ended before this kill.
+                let o = child.wait_with_output().unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                break;
             }
             child.kill().unwrap();
             let _ = child.wait();
             k.kills += 1;
-            k.resumed_from.push(from);
+            k.resumes += usize::from(from == "resumed");
+            k.resumed_from.push(label);
         }
-        if k.kills >= 10 || !finished || scale >= 8 {
-            break k;
-        }
-        eprintln!(
-            "the run ended after {} kills; again with the window / {}",
-            k.kills,
-            scale * 2
-        );
-        scale *= 2;
-    };
-    let o = sfr().args(args(out)).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!ckpt.exists(), "the finished run left its checkpoint");
+        same(whole, out);
+        k.runs += 1;
+    }
     eprintln!(
-        "{} kills; each started from: {:?}; uninterrupted run {:.1} s (first checkpoint at \
-         {:.2} s, {:.2} s a unit)",
+        "{} kills in {} runs; each started from: {:?}; uninterrupted run {:.1} s (first \
+         checkpoint at {:.2} s, {:.2} s a unit)",
         k.kills,
+        k.runs,
         k.resumed_from,
         run_time.as_secs_f64(),
         first.as_secs_f64(),
         unit.as_secs_f64()
     );
-    assert!(
-        k.kills >= 10,
-        "only {} kills landed before the run ended",
-        k.kills
-    );
+    assert!(k.kills >= 10, "only {} kills landed", k.kills);
     assert!(
         k.resumes >= 3,
         "too few kills resumed from a checkpoint: {:?}",
         k.resumed_from
     );
-    assert!(!ckpt.exists(), "the finished run left its checkpoint");
+    assert!(
+        enough(&k),
+        "not enough kills of the kind wanted: {:?}",
+        k.resumed_from
+    );
     k
 }
 
@@ -818,15 +836,18 @@ fn defend_killed_at_random_moments_and_resumed_ends_bit_identical() {
         &out,
         epochs as u32 - 1,
         &|c| format!("{} epochs", epochs_done(c)),
+        &|_| true,
+        &|whole, out| {
+            let (a, ma) = tensors_and_training(whole);
+            let (b, mb) = tensors_and_training(out);
+            assert_same_tensors(&a, &b);
+            assert_eq!(
+                ma["training"]["validation"], mb["training"]["validation"],
+                "validation metrics"
+            );
+            assert_eq!(ma, mb, "metadata (but the seconds)");
+        },
     );
-    let (a, ma) = tensors_and_training(&whole);
-    let (b, mb) = tensors_and_training(&out);
-    assert_same_tensors(&a, &b);
-    assert_eq!(
-        ma["training"]["validation"], mb["training"]["validation"],
-        "validation metrics"
-    );
-    assert_eq!(ma, mb, "metadata (but the seconds)");
 }
 
 /// `sfr attack METHOD` on the foolbox images, checkpointing after every batch, with `--resume`.
@@ -895,45 +916,42 @@ fn perturbation_bits(
 }
 
 /// `sfr attack METHOD EXTRA…` on the foolbox images through [`kill_anywhere`], in folder
-/// `name`; at least one kill must have resumed inside an epoch. The uninterrupted and the
-/// killed run's files.
-fn kill_attack(name: &str, method: &str, extra: &[&str], units: u32) -> (PathBuf, PathBuf) {
+/// `name`, each run's file compared by `same`; at least one kill must have resumed inside an
+/// epoch.
+fn kill_attack(name: &str, method: &str, extra: &[&str], units: u32, same: &dyn Fn(&Path, &Path)) {
     let dir = common::scratch(name);
     let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
     let (whole, out) = (
         dir.join("whole.safetensors"),
         dir.join("killed.safetensors"),
     );
-    let k = kill_anywhere(
+    let mid = |k: &Kills| {
+        k.resumed_from
+            .iter()
+            .any(|s| !s.ends_with("+0") && s != "fresh")
+    };
+    kill_anywhere(
         &|o| attack_args(method, &data, o, extra),
         &whole,
         &out,
         units,
         &attack_state,
+        &mid,
+        same,
     );
-    let mid = k
-        .resumed_from
-        .iter()
-        .filter(|s| !s.ends_with("+0") && *s != "fresh")
-        .count();
-    assert!(
-        mid >= 1,
-        "no kill resumed inside an epoch: {:?}",
-        k.resumed_from
-    );
-    (whole, out)
 }
 
 #[test]
 fn attack_sgd_killed_at_random_moments_and_resumed_ends_byte_identical() {
     // 18 training images in batches of 4: 5 batches an epoch, 8 epochs.
     let extra = ["--epochs", "8", "--batch-size", "4", "--random-start"];
-    let (whole, out) = kill_attack("robust_kill_sgd", "sgd", &extra, 10);
     // Nothing in an SGD-UAP file depends on the clock: the files are equal byte for byte.
-    assert!(
-        std::fs::read(&whole).unwrap() == std::fs::read(&out).unwrap(),
-        "the resumed run's file differs from the uninterrupted run's"
-    );
+    kill_attack("robust_kill_sgd", "sgd", &extra, 40, &|whole, out| {
+        assert!(
+            std::fs::read(whole).unwrap() == std::fs::read(out).unwrap(),
+            "the resumed run's file differs from the uninterrupted run's"
+        );
+    });
 }
 
 #[test]
@@ -942,7 +960,6 @@ fn attack_deepfool_killed_at_random_moments_and_resumed_ends_bit_identical() {
     // by the rule once a pass finds every image fooled (after 3 passes: nearly all the work is
     // in the first).
     let extra = ["--max-passes", "8", "--candidates", "3", "--delta", "0"];
-    let (whole, out) = kill_attack("robust_kill_deepfool", "deepfool", &extra, 24);
     // The wall-clock seconds aside, everything is equal.
     let strip = |m: &mut serde_json::Value| {
         let p = &mut m["sfr_perturbation"]["params"];
@@ -957,8 +974,16 @@ fn attack_deepfool_killed_at_random_moments_and_resumed_ends_bit_identical() {
                 .expect("a pass's seconds");
         }
     };
-    let (a, ma) = perturbation_bits(&whole, strip);
-    let (b, mb) = perturbation_bits(&out, strip);
-    assert_same_tensors(&a, &b);
-    assert_eq!(ma, mb, "metadata (but the seconds)");
+    kill_attack(
+        "robust_kill_deepfool",
+        "deepfool",
+        &extra,
+        24,
+        &|whole, out| {
+            let (a, ma) = perturbation_bits(whole, strip);
+            let (b, mb) = perturbation_bits(out, strip);
+            assert_same_tensors(&a, &b);
+            assert_eq!(ma, mb, "metadata (but the seconds)");
+        },
+    );
 }
