@@ -435,6 +435,18 @@ fn defend_refuses_impossible_training_parameters() {
         &run(&["--seeds", "3", "--val", "0"]),
         &["--seeds", "--val > 0"],
     );
+    assert_error(
+        &run(&["--method", "prn", "--fraction", "0.25"]),
+        &["--fraction", "--method prn"],
+    );
+    assert_error(
+        &run(&["--method", "prn", "--val", "0", "--sites", "features.0.0"]),
+        &["--sites", "PRN"],
+    );
+    assert_error(
+        &run(&["--method", "prn", "--val", "0", "--prn-width", "0"]),
+        &["--prn-width", "1..=1024"],
+    );
     assert!(!out.exists(), "nothing written on a refused run");
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
-use sfr::defense::{Defense, PlanOptions, Selection};
+use sfr::defense::{Defense, Method, PlanOptions, Selection};
 use sfr::zoo::{self, NoTap};
 
 fn mobilenet() -> zoo::Model {
@@ -74,9 +74,7 @@ fn defence_refuses_another_backbone() {
         &dev,
     )
     .unwrap();
-    let e = Defense::load(&path, &lite, &dev)
-        .err()
-        .expect("another architecture must fail");
+    let e = Defense::load(&path, &lite, &dev).expect_err("another architecture must fail");
     assert!(e.to_string().contains("mobilenet_v2"), "{e}");
     // Same architecture, other weights.
     let mut map = sfr::weights::load(&common::fetched("mobilenet_v2")).unwrap();
@@ -89,9 +87,7 @@ fn defence_refuses_another_backbone() {
         },
     );
     let other = zoo::build("mobilenet_v2", map, &dev).unwrap();
-    let e = Defense::load(&path, &other, &dev)
-        .err()
-        .expect("other weights must fail");
+    let e = Defense::load(&path, &other, &dev).expect_err("other weights must fail");
     assert!(e.to_string().contains("fingerprint"), "{e}");
 }
 
@@ -553,4 +549,145 @@ fn defend_seeds_trains_each_seed_on_one_validation_split_and_reports_the_spread(
         mtime,
         "reused, not retrained"
     );
+}
+
+#[test]
+fn prn_rectifier_acts_on_the_input_trains_and_round_trips() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let base = values(model.forward_pixels(x.clone(), &mut NoTap));
+    let prn = PlanOptions {
+        method: Method::Prn,
+        ..Default::default()
+    };
+    // Untrained: one unit at the input, all three channels, and the identity.
+    let mut d = Defense::plant(&model, &prn, &dev).unwrap();
+    assert_eq!(d.meta.method, Method::Prn);
+    assert_eq!(d.meta.sites, [sfr::defense::fru::INPUT_SITE]);
+    assert_eq!(d.meta.regen, [vec![0, 1, 2]]);
+    assert_eq!(d.meta.width, [sfr::defense::PRN_WIDTH]);
+    assert_eq!(base, values(d.forward_pixels(&model, x.clone())));
+    // A changed unit changes the output, survives a round trip, and the adaptive attack's
+    // gradient reaches the input through it.
+    let w4 = d.frus.units[0].w4.val();
+    d.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.05));
+    let changed = values(d.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &changed) > 1e-3);
+    let dir = common::scratch("prn");
+    let path = dir.join("prn.safetensors");
+    d.save(&path).unwrap();
+    let mut e = Defense::load(&path, &model, &dev).unwrap();
+    assert_eq!(e.meta.method, Method::Prn);
+    assert!(common::max_abs_diff(&changed, &values(e.forward_pixels(&model, x.clone()))) < 1e-5);
+    let t = sfr::attack::Target::defended(&model, &e).unwrap();
+    let xa = x.clone().autodiff().require_grad();
+    let g = t.logits_grad(xa.clone()).max_dim(1).mean().backward();
+    let gx = xa
+        .grad(&g)
+        .unwrap()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
+    // --sites makes no sense for it.
+    let bad = PlanOptions {
+        method: Method::Prn,
+        sites: vec!["features.0.0".into()],
+        ..Default::default()
+    };
+    let err = Defense::plant(&model, &bad, &dev).unwrap_err().to_string();
+    assert!(err.contains("--sites"), "{err}");
+
+    // `sfr defend --method prn` trains it (the loss falls from the identity's) and `sfr eval`
+    // runs the network behind it.
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
+    let out = dir.join("trained.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args([
+            "defend", "--quiet", "--method", "prn", "--epochs", "2", "--val", "4",
+        ])
+        .args(["--json", "--data"])
+        .arg(&data)
+        .arg("--uap")
+        .arg(&uap)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["method"], "prn");
+    let trained = Defense::load(&out, &model, &dev).unwrap();
+    assert_ne!(
+        trained.frus.units[0]
+            .w4
+            .val()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap(),
+        vec![0.0; 3 * sfr::defense::PRN_WIDTH],
+        "training moved the rectifier off the identity"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(["eval", "--quiet", "--json", "--data"])
+        .arg(&data)
+        .arg("--defense")
+        .arg(&out)
+        .arg("-p")
+        .arg(&uap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn defence_files_whose_placements_do_not_fit_the_network_are_refused() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let dir = common::scratch("misplaced");
+    let good = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    let c0 = good.meta.channels[0];
+    type Change = Box<dyn Fn(&mut Defense)>;
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "beyond",
+            Box::new(move |d| d.meta.regen[0][0] = c0 + 5),
+            "beyond its",
+        ),
+        (
+            "repeated",
+            Box::new(|d| {
+                let first = d.meta.regen[0][0];
+                d.meta.regen[0][1] = first;
+            }),
+            "repeated",
+        ),
+        (
+            "channels",
+            Box::new(|d| d.meta.channels[0] += 1),
+            "channels, the file says",
+        ),
+        (
+            "site",
+            Box::new(|d| d.meta.sites[0] = "no.such.conv".into()),
+            "is not a site",
+        ),
+        (
+            "input",
+            Box::new(|d| d.meta.sites[0] = sfr::defense::fru::INPUT_SITE.into()),
+            "only a PRN",
+        ),
+    ];
+    for (name, change, want) in cases {
+        let mut d = good.clone();
+        change(&mut d);
+        let path = dir.join(format!("{name}.safetensors"));
+        d.save(&path).unwrap();
+        let e = Defense::load(&path, &model, &dev).unwrap_err().to_string();
+        assert!(
+            e.contains(want) && e.contains(&*path.to_string_lossy()),
+            "{name}: {e}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! `sfr suite` end to end at a small scale: a briefly trained defence, every generated attack
-//! row (seen, control, unseen, stronger, cross-norm, adaptive) plus the published ones, five
-//! defence columns, the report's files, restoration accuracy recomputed from its own cells, a
+//! row (seen, control, unseen, stronger, cross-norm, adaptive) plus the published ones, six
+//! defence columns (a PRN rival among them), the report's files, restoration accuracy recomputed from its own cells, a
 //! rerun that reuses the attacks, and the refusal to evaluate on attack-generation images.
 
 mod common;
@@ -77,12 +77,37 @@ fn suite_reports_every_row_and_column() {
         &s(&defense),
     ]);
     ok(&o, "defend");
+    // A learned rival trained the same way.
+    let prn = dir.join("prn.safetensors");
+    let o = sfr(&[
+        "defend",
+        "-q",
+        "--method",
+        "prn",
+        "--data",
+        &isample,
+        "--skip",
+        "48",
+        "--limit",
+        "32",
+        "--val",
+        "0",
+        "--epochs",
+        "1",
+        "--uap",
+        &s(&uap),
+        "--out",
+        &s(&prn),
+    ]);
+    ok(&o, "defend --method prn");
 
     let args = [
         "suite",
         "-q",
         "--defense",
         &s(&defense),
+        "--rival",
+        &s(&prn),
         "--data",
         &nips,
         "--limit",
@@ -119,7 +144,10 @@ fn suite_reports_every_row_and_column() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["none", "sfr", "jpeg75", "median3", "bits4"]);
+    assert_eq!(
+        columns,
+        ["none", "sfr", "prn", "jpeg75", "median3", "bits4"]
+    );
     let rows = r["rows"].as_array().unwrap();
     let cats: Vec<&str> = rows
         .iter()
@@ -136,12 +164,12 @@ fn suite_reports_every_row_and_column() {
     ] {
         assert!(cats.contains(&want), "a {want} row in {cats:?}");
     }
-    // 11 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive through the
-    // defence and through each of the 3 baselines) + 9 published.
-    assert_eq!(rows.len(), 20, "{cats:?}");
+    // 12 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive through the
+    // defence, through the rival and through each of the 3 baselines) + 9 published.
+    assert_eq!(rows.len(), 21, "{cats:?}");
     for row in rows {
         let cells = row["cells"].as_array().unwrap();
-        assert_eq!(cells.len(), 5);
+        assert_eq!(cells.len(), 6);
         assert_eq!(row["n"], 12);
         for c in cells {
             let ct = c["clean_top1"].as_f64().unwrap();
@@ -163,7 +191,9 @@ fn suite_reports_every_row_and_column() {
         assert!(out.join(f).is_file(), "{f} written");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("| attack | kind | budget | none | sfr | jpeg75 | median3 | bits4 |"));
+    assert!(
+        md.contains("| attack | kind | budget | none | sfr | prn | jpeg75 | median3 | bits4 |")
+    );
     let adaptive = sfr::perturbation::Perturbation::load(
         &out.join("attacks/adaptive_sgd_linf_10.safetensors"),
     )
@@ -171,6 +201,18 @@ fn suite_reports_every_row_and_column() {
     assert!(
         adaptive.meta.params.get("through_defense").is_some(),
         "the adaptive attack records the defence it went through"
+    );
+    let through_prn = sfr::perturbation::Perturbation::load(
+        &out.join("attacks/adaptive_sgd_linf_10_through_prn.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        through_prn.meta.params["through_defense"]["method"], "prn",
+        "the adaptive attack on the rival went through the rival"
+    );
+    assert_ne!(
+        through_prn.meta.params["through_defense"]["id"],
+        adaptive.meta.params["through_defense"]["id"]
     );
     let through_jpeg = sfr::perturbation::Perturbation::load(
         &out.join("attacks/adaptive_sgd_linf_10_through_jpeg75.safetensors"),

@@ -198,7 +198,13 @@ impl Placement {
     }
 }
 
-/// The tap that regenerates channels at the defended sites.
+/// The placement's site name of a unit that acts on the network's normalised input (all three
+/// channels) rather than on a conv's output: a rectifier in front of the network
+/// (`sfr defend --method prn`). No conv site has this name.
+pub const INPUT_SITE: &str = "<input>";
+
+/// The tap that regenerates channels at the defended sites (and at the input, for a unit
+/// placed at [`INPUT_SITE`]).
 pub struct Regenerate<'a> {
     /// The units.
     pub frus: &'a FruSet,
@@ -229,6 +235,14 @@ impl Tap for Regenerate<'_> {
         let y = self.frus.units[i].forward(top, m, v, self.training);
         self.visited += 1;
         replace_channels(x, y, &regen)
+    }
+
+    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
+        if self.wants(INPUT_SITE) {
+            self.visit(INPUT_SITE, x)
+        } else {
+            x
+        }
     }
 }
 

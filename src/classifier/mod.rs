@@ -98,6 +98,15 @@ impl crate::zoo::Tap for StraightThrough<'_, '_> {
         let y = self.0.visit(site, x.clone());
         x.clone() + (y - x).detach()
     }
+
+    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
+        if self.0.wants(fru::INPUT_SITE) {
+            let y = self.0.input(x.clone());
+            x.clone() + (y - x).detach()
+        } else {
+            x
+        }
+    }
 }
 
 impl<'a> Classifier<'a> {

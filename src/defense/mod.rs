@@ -26,6 +26,34 @@ use crate::error::{Result, SfrError};
 use crate::weights::{self, RawTensor, TensorMap};
 use crate::zoo::Model;
 
+/// What a defence is: the units at the backbone's conv sites (the paper's defence), or a rival
+/// trained the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Selective Feature Regeneration: FRUs regenerate the ℓ1-ranked half of the channels at
+    /// early conv sites.
+    #[default]
+    Sfr,
+    /// A PRN-style rectifier (after Akhtar et al. CVPR 2018, without its detector): one
+    /// residual unit of the FRU's shape (1×1, 3×3, 3×3, 1×1 convs, BN and ReLU) on all three
+    /// channels of the normalised input, in front of the frozen network, trained as the FRUs
+    /// are.
+    Prn,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Sfr => "sfr",
+            Method::Prn => "prn",
+        })
+    }
+}
+
+/// PRN width (the unit's inner channels) `sfr defend --method prn` uses by default.
+pub const PRN_WIDTH: usize = 16;
+
 /// How channels to regenerate are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -204,6 +232,9 @@ pub fn backbone_fingerprint(model: &Model) -> String {
 /// What a defence file records besides its weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DefenseMeta {
+    /// What kind of defence (files written before there were rivals: `sfr`).
+    #[serde(default)]
+    pub method: Method,
     /// The backbone architecture.
     pub model: String,
     /// [`backbone_fingerprint`] of the backbone it was trained on.
@@ -227,6 +258,7 @@ pub struct DefenseMeta {
 }
 
 /// A trained (or untrained) defence for one backbone.
+#[derive(Debug, Clone)]
 pub struct Defense {
     /// Metadata.
     pub meta: DefenseMeta,
@@ -249,11 +281,17 @@ pub struct PlanOptions {
     pub selection: Selection,
     /// Seed (random selection and FRU initialisation).
     pub seed: u64,
+    /// SFR's units at conv sites, or a PRN-style rectifier at the input.
+    pub method: Method,
+    /// The rectifier's width D ([`Method::Prn`]; the FRU options do not apply to it).
+    pub prn_width: usize,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
+            method: Method::Sfr,
+            prn_width: PRN_WIDTH,
             sites: Vec::new(),
             fraction: 0.5,
             width_ratio: 1.0,
@@ -264,8 +302,12 @@ impl Default for PlanOptions {
 }
 
 impl Defense {
-    /// Fresh (identity) FRUs at the chosen sites of `model`, on `device`.
+    /// Fresh (identity) FRUs at the chosen sites of `model` (or a fresh rectifier at its input),
+    /// on `device`.
     pub fn plant(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
+        if opts.method == Method::Prn {
+            return Self::plant_prn(model, opts, device);
+        }
         if !(opts.fraction > 0.0 && opts.fraction <= 1.0) {
             return Err(SfrError::param(
                 "--fraction",
@@ -284,6 +326,7 @@ impl Defense {
         burn::tensor::Device::seed(device, opts.seed);
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(opts.seed);
         let mut meta = DefenseMeta {
+            method: Method::Sfr,
             model: model.spec().name.to_string(),
             backbone: backbone_fingerprint(model),
             sites: Vec::new(),
@@ -325,6 +368,61 @@ impl Defense {
         })
     }
 
+    /// A fresh (identity) PRN-style rectifier in front of `model`: one unit at
+    /// [`fru::INPUT_SITE`] regenerating all three input channels.
+    fn plant_prn(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
+        if !opts.sites.is_empty() {
+            return Err(SfrError::param(
+                "--sites",
+                "a PRN acts on the network's input, not at conv sites; drop --sites",
+            ));
+        }
+        if opts.prn_width == 0 || opts.prn_width > 1024 {
+            return Err(SfrError::param(
+                "--prn-width",
+                format!("must be in 1..=1024, got {}", opts.prn_width),
+            ));
+        }
+        burn::tensor::Device::seed(device, opts.seed);
+        let d = opts.prn_width;
+        let meta = DefenseMeta {
+            method: Method::Prn,
+            model: model.spec().name.to_string(),
+            backbone: backbone_fingerprint(model),
+            sites: vec![fru::INPUT_SITE.to_string()],
+            channels: vec![3],
+            regen: vec![vec![0, 1, 2]],
+            width: vec![d],
+            selection: Selection::Ranked,
+            fraction: 1.0,
+            training: serde_json::Value::Null,
+            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(Defense {
+            meta,
+            frus: FruSet {
+                units: vec![Fru::new(3, d, device)],
+            },
+            stats: BnStats::new(&[d]),
+        })
+    }
+
+    /// What the defence is, in a few words: `3 FRUs at a, b, c` or `a PRN-style rectifier: one
+    /// residual unit on the input, width 16`.
+    pub fn summary(&self) -> String {
+        match self.meta.method {
+            Method::Sfr => format!(
+                "{} FRUs at {}",
+                self.meta.sites.len(),
+                self.meta.sites.join(", ")
+            ),
+            Method::Prn => format!(
+                "a PRN-style rectifier: one residual unit on the input, width {}",
+                self.meta.width.first().copied().unwrap_or(0)
+            ),
+        }
+    }
+
     /// An identifier of this trained defence: SHA-256 over its metadata (which records its
     /// training run) and BN statistics. Attacks computed through it record it.
     pub fn id(&self) -> String {
@@ -357,7 +455,7 @@ impl Defense {
             .collect()
     }
 
-    /// Fail unless this defence belongs to `model`'s backbone.
+    /// Fail unless this defence belongs to `model`'s backbone and its placements fit it.
     pub fn check_backbone(&self, model: &Model) -> Result<()> {
         if self.meta.model != model.spec().name {
             return Err(SfrError::param(
@@ -377,6 +475,68 @@ impl Defense {
                     self.meta.model
                 ),
             ));
+        }
+        self.check_placements(model)
+    }
+
+    /// Fail unless every placement fits `model`: a site it has (a rectifier: the input), its
+    /// channel count, distinct channel indices below it.
+    fn check_placements(&self, model: &Model) -> Result<()> {
+        let sites = model.sites();
+        for p in self.placements() {
+            let channels = if p.site == fru::INPUT_SITE {
+                if self.meta.method != Method::Prn {
+                    return Err(SfrError::param(
+                        "--defense",
+                        format!("only a PRN acts at `{}`", fru::INPUT_SITE),
+                    ));
+                }
+                3
+            } else {
+                if self.meta.method == Method::Prn {
+                    return Err(SfrError::param(
+                        "--defense",
+                        format!("a PRN acts at `{}`, not at `{}`", fru::INPUT_SITE, p.site),
+                    ));
+                }
+                match sites.iter().find(|s| s.name == p.site) {
+                    Some(s) => s.out_channels,
+                    None => {
+                        return Err(SfrError::param(
+                            "--defense",
+                            format!("`{}` is not a site of `{}`", p.site, self.meta.model),
+                        ));
+                    }
+                }
+            };
+            if p.channels != channels {
+                return Err(SfrError::param(
+                    "--defense",
+                    format!(
+                        "site `{}` has {channels} channels, the file says {}",
+                        p.site, p.channels
+                    ),
+                ));
+            }
+            let mut seen = vec![false; channels];
+            for &c in &p.regen {
+                if c >= channels || seen[c] {
+                    return Err(SfrError::param(
+                        "--defense",
+                        format!(
+                            "site `{}`: channel {c} is repeated or beyond its {channels} channels",
+                            p.site
+                        ),
+                    ));
+                }
+                seen[c] = true;
+            }
+            if p.regen.is_empty() {
+                return Err(SfrError::param(
+                    "--defense",
+                    format!("site `{}` regenerates no channel", p.site),
+                ));
+            }
         }
         Ok(())
     }
@@ -606,6 +766,7 @@ impl Plant for Defense {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "id": Defense::id(self),
+            "method": self.meta.method,
             "sites": self.meta.sites,
             "selection": self.meta.selection,
             "training": self.meta.training.get("config"),

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::suite::{AttackRow, Category};
+use super::suite::{AttackRow, Category, Rival};
 use crate::attack::activations::{ActivationConfig, Objective, Prior};
 use crate::attack::deepfool::DeepFoolConfig;
 use crate::attack::sgd::SgdConfig;
@@ -83,6 +83,9 @@ pub struct GeneratePlan {
     pub deepfool: Option<DeepFoolConfig>,
     /// The adaptive attack: SGD-UAP through the defended network.
     pub adaptive: bool,
+    /// Learned rivals (`sfr suite --rival`): with `adaptive`, an SGD-UAP row through each,
+    /// with exact gradients, as through the defence under test.
+    pub rivals: Vec<Rival>,
     /// Adaptive rows for image-domain baselines too: SGD-UAP through each filter, straight
     /// through it (BPDA), so that every column faces an attacker who knows it.
     pub adaptive_baselines: Vec<ImageDefense>,
@@ -110,6 +113,7 @@ impl Default for GeneratePlan {
                 ..DeepFoolConfig::default()
             }),
             adaptive: true,
+            rivals: Vec::new(),
             adaptive_baselines: ImageDefense::suite(),
             holdout: 50,
             batch_size: 32,
@@ -123,8 +127,10 @@ impl Default for GeneratePlan {
 enum Through {
     /// The bare network.
     Nothing,
-    /// The SFR defence.
+    /// The defence under test.
     Defence,
+    /// A learned rival (its index in the plan's rivals).
+    Rival(usize),
     /// An image-domain baseline, straight through.
     Filter(ImageDefense),
 }
@@ -236,6 +242,18 @@ fn plan_jobs(plan: &GeneratePlan) -> Vec<Planned> {
                 through: Through::Defence,
             },
         ));
+        for (i, r) in plan.rivals.iter().enumerate() {
+            v.push(job(
+                format!("adaptive_sgd_{sn}_{}_through_{}", eps_key(se), r.name),
+                format!("adaptive sgd {} {} through {}", sym(sn), se, r.name),
+                Category::Adaptive,
+                sn,
+                se,
+                Job::Sgd {
+                    through: Through::Rival(i),
+                },
+            ));
+        }
         for b in &plan.adaptive_baselines {
             v.push(job(
                 format!("adaptive_sgd_{sn}_{}_through_{b}", eps_key(se)),
@@ -281,7 +299,16 @@ pub fn generate(
     let mut rows = Vec::new();
     for job in plan_jobs(plan) {
         let path = dir.join(format!("{}.safetensors", job.key));
-        let p = match reuse(&path, model, defense, &job)? {
+        let through = match job.job {
+            Job::Sgd {
+                through: Through::Defence,
+            } => Some(defense),
+            Job::Sgd {
+                through: Through::Rival(i),
+            } => Some(&plan.rivals[i].defense),
+            _ => None,
+        };
+        let p = match reuse(&path, model, through, &job)? {
             Some(p) => p,
             None => {
                 let (train, hold) = attack::split_holdout(data, holdout, job.seed)?;
@@ -303,12 +330,7 @@ pub fn generate(
                     resume: true,
                     checkpoint_every: attack::CHECKPOINT_EVERY,
                     progress: &mut report,
-                    defense: match job.job {
-                        Job::Sgd {
-                            through: Through::Defence,
-                        } => Some(defense),
-                        _ => None,
-                    },
+                    defense: through.map(|d| d as &dyn crate::classifier::Plant),
                     filter: match &job.job {
                         Job::Sgd {
                             through: Through::Filter(f),
@@ -341,13 +363,13 @@ pub fn generate(
     Ok(rows)
 }
 
-/// A perturbation made earlier by the same job (for the adaptive attack: through the same
-/// defence), or None; a file of another job, model or defence under the job's name is an error
-/// rather than silently reused or overwritten.
+/// A perturbation made earlier by the same job (for an adaptive attack: through the same
+/// defence, `through`), or None; a file of another job, model or defence under the job's name
+/// is an error rather than silently reused or overwritten.
 fn reuse(
     path: &Path,
     model: &Model,
-    defense: &Defense,
+    through: Option<&Defense>,
     job: &Planned,
 ) -> Result<Option<Perturbation>> {
     if !path.is_file() {
@@ -375,13 +397,7 @@ fn reuse(
             .params
             .get("through_defense")
             .map(|t| t["id"].clone())
-            == matches!(
-                job.job,
-                Job::Sgd {
-                    through: Through::Defence
-                }
-            )
-            .then(|| serde_json::json!(defense.id()))
+            == through.map(|d| serde_json::json!(d.id()))
         && p.meta
             .params
             .get("through_filter")

@@ -199,6 +199,42 @@ pub struct SuiteReport {
     pub device: String,
 }
 
+/// A learned defence compared beside the one under test (`sfr suite --rival FILE`): a column
+/// of its own and, in a suite that computes its attacks, an adaptive row through it.
+#[derive(Debug, Clone)]
+pub struct Rival {
+    /// Its column's name: its method (`prn`, `sfr`), numbered from the second of a kind on
+    /// (`prn_2`).
+    pub name: String,
+    /// The file it was read from.
+    pub file: String,
+    /// The defence.
+    pub defense: Defense,
+}
+
+/// Name the rivals of `main` ([`Rival::name`]): the defence under test's column is its method.
+pub fn name_rivals(main: &Defense, files: Vec<(String, Defense)>) -> Vec<Rival> {
+    let mut taken = vec![main.meta.method.to_string()];
+    files
+        .into_iter()
+        .map(|(file, defense)| {
+            let kind = defense.meta.method.to_string();
+            let mut name = kind.clone();
+            let mut k = 1;
+            while taken.contains(&name) {
+                k += 1;
+                name = format!("{kind}_{k}");
+            }
+            taken.push(name.clone());
+            Rival {
+                name,
+                file,
+                defense,
+            }
+        })
+        .collect()
+}
+
 /// Options of [`run`].
 #[derive(Debug, Clone)]
 pub struct SuiteOptions {
@@ -208,6 +244,8 @@ pub struct SuiteOptions {
     pub seed: u64,
     /// Clip perturbed pixels to [0, 255].
     pub clip: bool,
+    /// Learned rivals to compare with (columns after the defence under test).
+    pub rivals: Vec<Rival>,
     /// Image-domain baselines to compare with.
     pub baselines: Vec<ImageDefense>,
     /// Images kept as examples.
@@ -220,6 +258,7 @@ impl Default for SuiteOptions {
             batch_size: 32,
             seed: 0,
             clip: true,
+            rivals: Vec::new(),
             baselines: ImageDefense::suite(),
             examples: 4,
         }
@@ -277,6 +316,12 @@ pub fn run(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SuiteReport> {
     defense.check_backbone(model)?;
+    let mut rivals = opts.rivals.clone();
+    for r in &rivals {
+        r.defense
+            .check_backbone(model)
+            .map_err(|e| SfrError::param("--rival", format!("{}: {e}", r.file)))?;
+    }
     if opts.batch_size == 0 {
         return Err(SfrError::param("--batch-size", "must be at least 1"));
     }
@@ -310,14 +355,17 @@ pub fn run(
             description: "the undefended network".into(),
         },
         Column {
-            name: "sfr".into(),
-            description: format!(
-                "Selective Feature Regeneration ({} FRUs at {})",
-                defense.meta.sites.len(),
-                defense.meta.sites.join(", ")
-            ),
+            name: defense.meta.method.to_string(),
+            description: describe_defense(defense, None),
         },
     ];
+    for r in &rivals {
+        columns.push(Column {
+            name: r.name.clone(),
+            description: describe_defense(&r.defense, Some(&r.file)),
+        });
+    }
+    let nrival = rivals.len();
     for b in &opts.baselines {
         columns.push(Column {
             name: b.to_string(),
@@ -366,7 +414,10 @@ pub fn run(
         match c {
             0 => logits_rows(model.forward_pixels(x, &mut NoTap)),
             1 => logits_rows(defense.forward_pixels(model, x)),
-            k => logits_rows(model.forward_pixels(opts.baselines[k - 2].apply(x)?, &mut NoTap)),
+            k if k < 2 + nrival => logits_rows(rivals[k - 2].defense.forward_pixels(model, x)),
+            k => logits_rows(
+                model.forward_pixels(opts.baselines[k - 2 - nrival].apply(x)?, &mut NoTap),
+            ),
         }
     };
     for chunk in data.samples.chunks(opts.batch_size) {
@@ -492,6 +543,18 @@ pub fn run(
         seconds: start.elapsed().as_secs_f64(),
         device: crate::device::describe(),
     })
+}
+
+/// A learned defence column's description.
+fn describe_defense(d: &Defense, file: Option<&str>) -> String {
+    let what = match d.meta.method {
+        crate::defense::Method::Sfr => format!("Selective Feature Regeneration ({})", d.summary()),
+        crate::defense::Method::Prn => format!("{}, trained as the FRUs are", d.summary()),
+    };
+    match file {
+        Some(f) => format!("{what}; {f}"),
+        None => what,
+    }
 }
 
 /// How telling an example is: fooled and restored (3), fooled (2), other (1).

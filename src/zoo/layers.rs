@@ -32,6 +32,13 @@ pub trait Tap {
     fn wants(&self, _site: &str) -> bool {
         true
     }
+
+    /// Called once with the network's normalised input `[batch, 3, h, w]` before its first
+    /// layer (default: unchanged). A rectifier in front of the network (`sfr defend --method
+    /// prn`) acts here, through the same tap as the FRUs.
+    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
+        x
+    }
 }
 
 /// The tap that changes nothing.

@@ -175,11 +175,13 @@ impl Model {
 
     /// Logits for RGB pixels on the 0–255 scale (perturbations are added in this space).
     pub fn forward_pixels(&self, pixels: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2> {
-        self.net.forward(self.normalize(pixels), tap)
+        self.forward_normalized(self.normalize(pixels), tap)
     }
 
-    /// Logits for already-normalised input (as PyTorch reference scripts feed it).
+    /// Logits for already-normalised input (as PyTorch reference scripts feed it); the tap
+    /// sees the input first ([`Tap::input`]).
     pub fn forward_normalized(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<2> {
+        let x = tap.input(x);
         self.net.forward(x, tap)
     }
 

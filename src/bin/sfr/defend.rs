@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 
 use sfr::attack::{self};
-use sfr::defense::{Defense, PlanOptions, Selection};
+use sfr::defense::{Defense, Method, PlanOptions, Selection};
 use sfr::perturbation::Perturbation;
 
 use crate::common::*;
@@ -47,6 +47,14 @@ pub(crate) struct DefendArgs {
     /// OUT-STEM.seedK.safetensors, and report their mean and spread (OUT-STEM.seeds.json).
     #[arg(long, default_value_t = 1)]
     pub(crate) seeds: usize,
+    /// The defence: `sfr`, FRUs at conv sites (the paper), or `prn`, a PRN-style rectifier in
+    /// front of the network (a rival trained the same way; --sites, --fraction, --width and
+    /// --selection do not apply to it).
+    #[arg(long, value_enum, default_value_t = Method::Sfr)]
+    pub(crate) method: Method,
+    /// `--method prn`: the rectifier's width (inner channels).
+    #[arg(long, default_value_t = sfr::defense::PRN_WIDTH)]
+    pub(crate) prn_width: usize,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -113,10 +121,9 @@ pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "wrote {} ({} FRUs at {}; {:.1} s)",
+            "wrote {} ({}; {:.1} s)",
             out.display(),
-            defense.meta.sites.len(),
-            defense.meta.sites.join(", "),
+            defense.summary(),
             seconds
         );
         let selected = defense.meta.training["selected_epoch"]
@@ -158,6 +165,16 @@ pub(crate) fn defend_run(
         clip: !a.no_clip,
     };
     cfg.validate()?;
+    if a.method == Method::Prn {
+        let fru_only = [
+            ("--fraction", a.fraction != 0.5),
+            ("--width", a.width != 1.0),
+            ("--selection", a.selection != Selection::Ranked),
+        ];
+        if let Some((flag, _)) = fru_only.iter().find(|(_, given)| *given) {
+            bail!("{flag} sets the FRUs; it does not apply to --method prn (see --prn-width)");
+        }
+    }
     let model = load_model(&a.model, quiet)?;
     let size = model.spec().input_size;
     let uaps: Vec<Perturbation> = load_perturbations(&a.uaps, None, size)?
@@ -202,6 +219,8 @@ pub(crate) fn defend_run(
             width_ratio: a.width,
             selection: a.selection,
             seed: a.seed,
+            method: a.method,
+            prn_width: a.prn_width,
         };
         Defense::plant(&model, &opts, &device)?
     };

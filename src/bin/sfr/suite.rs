@@ -23,6 +23,11 @@ pub(crate) struct SuiteArgs {
     /// The defence to evaluate (an `sfr defend` file for this backbone).
     #[arg(long, required = true)]
     pub(crate) defense: PathBuf,
+    /// A learned rival to compare with, in a column of its own (an `sfr defend --method prn`
+    /// file, or another `sfr defend` file for this backbone; repeat). With --generate-from it
+    /// also gets an adaptive row through it.
+    #[arg(long = "rival")]
+    pub(crate) rivals: Vec<PathBuf>,
     #[command(flatten)]
     pub(crate) data: DataArgs,
     /// Perturbation files to evaluate, one row each (`NAME=FILE`, or FILE named by its stem);
@@ -177,7 +182,7 @@ fn evaluate_and_report(
     pb.set_message(format!(
         "suite: {} attack rows × {} defences",
         rows.len(),
-        2 + opts.baselines.len()
+        2 + opts.rivals.len() + opts.baselines.len()
     ));
     let result = sfr::eval::assemble::evaluate_and_report(
         model,
@@ -215,6 +220,13 @@ pub(crate) fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
     let size = model.spec().input_size;
     let mut defense = Defense::load(&a.defense, &model, model.device())
         .with_context(|| format!("reading the defence {}", a.defense.display()))?;
+    let mut rival_files = Vec::new();
+    for f in &a.rivals {
+        let d = Defense::load(f, &model, model.device())
+            .with_context(|| format!("reading the rival {}", f.display()))?;
+        rival_files.push((f.display().to_string(), d));
+    }
+    let rivals = sfr::eval::suite::name_rivals(&defense, rival_files);
     let data = a.data.open(quiet)?;
     let mut rows = Vec::new();
     if !a.generate_from.is_empty() {
@@ -259,6 +271,7 @@ pub(crate) fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
                 ..Default::default()
             }),
             adaptive: !a.no_adaptive,
+            rivals: rivals.clone(),
             adaptive_baselines: if a.no_adaptive {
                 Vec::new()
             } else {
@@ -294,6 +307,7 @@ pub(crate) fn suite_cmd(a: SuiteArgs, quiet: bool) -> Result<()> {
         seed: a.seed,
         clip: !a.no_clip,
         examples: a.examples,
+        rivals,
         ..Default::default()
     };
     let (report, written) = evaluate_and_report(
