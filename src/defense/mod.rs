@@ -42,6 +42,13 @@ pub enum Method {
     Prn,
 }
 
+impl Method {
+    /// Whether this is the paper's defence.
+    pub fn is_sfr(&self) -> bool {
+        *self == Method::Sfr
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -232,8 +239,9 @@ pub fn backbone_fingerprint(model: &Model) -> String {
 /// What a defence file records besides its weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DefenseMeta {
-    /// What kind of defence (files written before there were rivals: `sfr`).
-    #[serde(default)]
+    /// What kind of defence. Absent means `sfr` (files written before there were rivals), and
+    /// `sfr` is not written, so that an SFR defence's [`Defense::id`] is what it was.
+    #[serde(default, skip_serializing_if = "Method::is_sfr")]
     pub method: Method,
     /// The backbone architecture.
     pub model: String,
@@ -771,5 +779,40 @@ impl Plant for Defense {
             "selection": self.meta.selection,
             "training": self.meta.training.get("config"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(method: Method) -> DefenseMeta {
+        DefenseMeta {
+            method,
+            model: "m".into(),
+            backbone: "b".into(),
+            sites: vec!["s".into()],
+            channels: vec![4],
+            regen: vec![vec![1, 0]],
+            width: vec![2],
+            selection: Selection::Ranked,
+            fraction: 0.5,
+            training: serde_json::Value::Null,
+            sfr_version: "0".into(),
+        }
+    }
+
+    #[test]
+    fn sfr_metadata_is_written_as_before_rivals_existed() {
+        // An SFR defence's metadata has no `method` (so its id is what it was), and metadata
+        // without one reads as SFR; a PRN's says so.
+        let sfr = serde_json::to_value(meta(Method::Sfr)).unwrap();
+        assert!(sfr.get("method").is_none(), "{sfr}");
+        let back: DefenseMeta = serde_json::from_value(sfr).unwrap();
+        assert_eq!(back.method, Method::Sfr);
+        let prn = serde_json::to_value(meta(Method::Prn)).unwrap();
+        assert_eq!(prn["method"], "prn");
+        let back: DefenseMeta = serde_json::from_value(prn).unwrap();
+        assert_eq!(back.method, Method::Prn);
     }
 }

@@ -116,6 +116,7 @@ pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
     let (defense, history, val_n, seconds) = defend_run(a, quiet)?;
     if json_out {
         let mut v = serde_json::to_value(&defense.meta)?;
+        v["method"] = json!(defense.meta.method);
         v["file"] = json!(out);
         v["seconds"] = json!(seconds);
         println!("{}", serde_json::to_string(&v)?);
