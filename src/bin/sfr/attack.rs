@@ -39,9 +39,10 @@ pub(crate) struct AttackArgs {
     /// Images held out for the running fooling-rate estimate.
     #[arg(long, default_value_t = 100)]
     pub(crate) holdout: usize,
-    /// Images per batch.
-    #[arg(long, default_value_t = 32)]
-    pub(crate) batch_size: usize,
+    /// Images per batch (default: 16 for sgd, which takes one step per batch; 32 for the
+    /// others).
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
     /// Do not clip perturbed pixels to [0, 255] while attacking.
     #[arg(long)]
     pub(crate) no_clip: bool,
@@ -371,7 +372,10 @@ pub(crate) fn attack_run(a: AttackArgs, quiet: bool) -> Result<(Perturbation, f6
         eps: a.eps,
         seed: a.seed,
         clip: !a.no_clip,
-        batch_size: a.batch_size,
+        batch_size: a.batch_size.unwrap_or(match a.method {
+            Method::Sgd => sfr::attack::sgd::BATCH_SIZE,
+            _ => 32,
+        }),
         checkpoint: Some(ckpt.clone()),
         resume: a.resume,
         checkpoint_every: std::time::Duration::from_secs_f64(a.checkpoint_every),
