@@ -58,48 +58,31 @@ fn suite_reports_every_row_and_column() {
         &s(&uap),
     ]);
     ok(&o, "attack");
-    let o = sfr(&[
-        "defend",
-        "-q",
-        "--data",
-        &isample,
-        "--skip",
-        "48",
-        "--limit",
-        "32",
-        "--val",
-        "0",
-        "--epochs",
-        "1",
-        "--uap",
-        &s(&uap),
-        "--out",
-        &s(&defense),
-    ]);
-    ok(&o, "defend");
-    // A learned rival trained the same way.
+    // The defence, and a learned rival trained the same way.
     let prn = dir.join("prn.safetensors");
-    let o = sfr(&[
-        "defend",
-        "-q",
-        "--method",
-        "prn",
-        "--data",
-        &isample,
-        "--skip",
-        "48",
-        "--limit",
-        "32",
-        "--val",
-        "0",
-        "--epochs",
-        "1",
-        "--uap",
-        &s(&uap),
-        "--out",
-        &s(&prn),
-    ]);
-    ok(&o, "defend --method prn");
+    for (method, out) in [("sfr", &defense), ("prn", &prn)] {
+        let o = sfr(&[
+            "defend",
+            "-q",
+            "--method",
+            method,
+            "--data",
+            &isample,
+            "--skip",
+            "48",
+            "--limit",
+            "32",
+            "--val",
+            "0",
+            "--epochs",
+            "1",
+            "--uap",
+            &s(&uap),
+            "--out",
+            &s(out),
+        ]);
+        ok(&o, &format!("defend --method {method}"));
+    }
 
     let args = [
         "suite",

@@ -60,13 +60,13 @@ pub(crate) struct DefendArgs {
     #[arg(long, value_delimiter = ',')]
     pub(crate) sites: Vec<String>,
     /// Fraction of each site's channels to regenerate.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = PlanOptions::default().fraction)]
     pub(crate) fraction: f64,
     /// FRU width D as a multiple of N.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = PlanOptions::default().width_ratio)]
     pub(crate) width: f64,
     /// Which channels: the ℓ1-ranked ones (the paper) or random ones (ablation).
-    #[arg(long, value_enum, default_value_t = Selection::Ranked)]
+    #[arg(long, value_enum, default_value_t = PlanOptions::default().selection)]
     pub(crate) selection: Selection,
     /// Train on the real perturbations only (no synthesis).
     #[arg(long)]
@@ -167,10 +167,11 @@ pub(crate) fn defend_run(
     };
     cfg.validate()?;
     if a.method == Method::Prn {
+        let d = PlanOptions::default();
         let fru_only = [
-            ("--fraction", a.fraction != 0.5),
-            ("--width", a.width != 1.0),
-            ("--selection", a.selection != Selection::Ranked),
+            ("--fraction", a.fraction != d.fraction),
+            ("--width", a.width != d.width_ratio),
+            ("--selection", a.selection != d.selection),
         ];
         if let Some((flag, _)) = fru_only.iter().find(|(_, given)| *given) {
             bail!("{flag} sets the FRUs; it does not apply to --method prn (see --prn-width)");
