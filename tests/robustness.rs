@@ -735,11 +735,12 @@ fn kill_anywhere(
         }
         let mut start = 0u64;
         loop {
-            let from = if ckpt.exists() { "resumed" } else { "fresh" };
             let before = written_at(&ckpt);
-            let label = match before {
-                Some(_) => state(&ckpt),
-                None => "fresh".to_string(),
+            let resumed = before.is_some();
+            let label = if resumed {
+                state(&ckpt)
+            } else {
+                "fresh".to_string()
             };
             let mut child = sfr()
                 .args(args(out))
@@ -776,7 +777,7 @@ fn kill_anywhere(
             child.kill().unwrap();
             let _ = child.wait();
             k.kills += 1;
-            k.resumes += usize::from(from == "resumed");
+            k.resumes += usize::from(resumed);
             k.resumed_from.push(label);
         }
         assert!(!ckpt.exists(), "the finished run left its checkpoint");
