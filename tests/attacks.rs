@@ -296,8 +296,31 @@ fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
 
 #[test]
 fn killed_sgd_resumes_to_the_same_result() {
+    let plain = kill_sgd_and_resume("attacks_resume", &["--momentum", "0", "--no-flip"]);
+    assert_eq!(plain.meta.params["momentum"], 0.0);
+    assert_eq!(plain.meta.params["flip"], false);
+}
+
+/// With momentum the accumulated gradient is state too: a resumed run that restarted it from
+/// zero (or mirrored other images) would end elsewhere.
+#[test]
+fn killed_sgd_with_momentum_and_flips_resumes_to_the_same_result() {
+    let p = kill_sgd_and_resume("attacks_resume_momentum", &["--checkpoint-every", "0"]);
+    assert_eq!(p.meta.params["momentum"], sfr::attack::sgd::MOMENTUM);
+    assert_eq!(p.meta.params["flip"], true);
+    // The options act: the same run without them ends elsewhere.
+    let plain = kill_sgd_and_resume(
+        "attacks_resume_momentum_plain",
+        &["--momentum", "0", "--no-flip"],
+    );
+    assert_ne!(p.data, plain.data, "momentum and flips change the steps");
+}
+
+/// Run `attack sgd` (3 epochs, batch 8, foolbox images) whole, then again killed at its first
+/// checkpoint and resumed; the two results must be identical. Returns the result.
+fn kill_sgd_and_resume(scratch: &str, extra: &[&str]) -> Perturbation {
     let data = foolbox();
-    let dir = common::scratch("attacks_resume");
+    let dir = common::scratch(scratch);
     let d = data.to_str().unwrap();
     let args = |out: &Path| -> Vec<String> {
         [
@@ -318,6 +341,7 @@ fn killed_sgd_resumes_to_the_same_result() {
             out.to_str().unwrap(),
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect()
     };
@@ -360,6 +384,7 @@ fn killed_sgd_resumes_to_the_same_result() {
         a.data, b.data,
         "resuming reproduces the uninterrupted run exactly"
     );
+    a
 }
 
 #[test]

@@ -478,6 +478,30 @@ fn targeted_attack_and_hardening_refuse_bad_input() {
         "--quiet",
     ]);
     assert_error(&o, &["--target", "sfr attack sgd"]);
+    for m in ["1", "-0.5", "NaN"] {
+        let o = sfr(&[
+            "attack",
+            "sgd",
+            "--weights",
+            &mobilenet(),
+            &format!("--momentum={m}"),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert_error(&o, &["--momentum", "[0, 1)"]);
+    }
+    let o = sfr(&[
+        "attack",
+        "fff",
+        "--weights",
+        &mobilenet(),
+        "--no-flip",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_error(&o, &["--no-flip", "sfr attack sgd"]);
     assert!(!out.exists(), "no file for a refused run");
     for bad in ["-1", "NaN", "inf"] {
         let o = sfr(&[

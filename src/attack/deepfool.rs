@@ -556,6 +556,7 @@ pub fn run(cfg: &DeepFoolConfig, ctx: &mut RunContext) -> Result<Perturbation> {
                 epochs_done: passes,
                 position,
                 holdout_fooling_rate: holdout_fr,
+                velocity: None,
             },
             size,
             &fp,

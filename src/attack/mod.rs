@@ -197,6 +197,8 @@ pub struct Checkpoint {
     pub position: usize,
     /// Last held-out fooling rate.
     pub holdout_fooling_rate: Option<f64>,
+    /// `sgd --momentum`: the accumulated gradient, `[3, h, w]` values.
+    pub velocity: Option<Vec<f32>>,
 }
 
 /// Write a checkpoint atomically; `extra` adds attack-specific metadata entries (read back with
@@ -216,6 +218,15 @@ pub fn save_checkpoint(
             data: c.delta.clone(),
         },
     );
+    if let Some(v) = &c.velocity {
+        map.insert(
+            "velocity",
+            RawTensor {
+                shape: vec![3, size, size],
+                data: v.clone(),
+            },
+        );
+    }
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("epochs_done".into(), c.epochs_done.to_string());
     meta.insert("position".into(), c.position.to_string());
@@ -274,11 +285,22 @@ pub fn load_checkpoint(path: &Path, fingerprint: &str) -> Result<Option<Checkpoi
             )
         })?,
     };
+    let velocity = map.get("velocity").map(|t| t.data.clone());
+    if velocity.as_ref().is_some_and(|v| v.len() != delta.len()) {
+        return Err(SfrError::param(
+            "--resume",
+            format!(
+                "{}: `velocity` has another size than `delta`",
+                path.display()
+            ),
+        ));
+    }
     Ok(Some(Checkpoint {
         delta,
         epochs_done,
         position,
         holdout_fooling_rate,
+        velocity,
     }))
 }
 

@@ -71,6 +71,14 @@ pub(crate) struct AttackArgs {
     /// sgd: start from uniform noise in [−ξ, ξ] instead of zero.
     #[arg(long)]
     pub(crate) random_start: bool,
+    /// sgd: momentum μ of the sign steps (MI-FGSM: the step follows v ← μ·v + ∇/mean|∇|;
+    /// 0: the batch's gradient alone) [default: 0.95].
+    #[arg(long)]
+    pub(crate) momentum: Option<f64>,
+    /// sgd: do not mirror training images (by default each is mirrored left–right with
+    /// probability ½, so that δ must fool both views).
+    #[arg(long)]
+    pub(crate) no_flip: bool,
     /// sgd: runs from seeds SEED, SEED+1, …, keeping the best on the held-out slice.
     #[arg(long, default_value_t = 1)]
     pub(crate) restarts: usize,
@@ -242,11 +250,23 @@ pub(crate) fn attack_run(a: AttackArgs, quiet: bool) -> Result<(Perturbation, f6
     sgd.target = a.target;
     sgd.random_start = a.random_start;
     sgd.restarts = a.restarts;
+    if let Some(v) = a.momentum {
+        sgd.momentum = v;
+    }
+    sgd.flip = !a.no_flip;
     if a.straight_through {
         sgd.fru_gradient = sfr::classifier::FruGradient::StraightThrough;
     }
-    if a.method != Method::Sgd && (a.target.is_some() || a.restarts != 1 || a.random_start) {
-        bail!("--target, --restarts and --random-start are options of `sfr attack sgd`");
+    if a.method != Method::Sgd
+        && (a.target.is_some()
+            || a.restarts != 1
+            || a.random_start
+            || a.momentum.is_some()
+            || a.no_flip)
+    {
+        bail!(
+            "--target, --restarts, --random-start, --momentum and --no-flip are options of `sfr attack sgd`"
+        );
     }
     if a.method == Method::Sgd {
         sgd.validate()?;
