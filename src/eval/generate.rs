@@ -308,7 +308,7 @@ pub fn generate(
             } => Some(&plan.rivals[i].defense),
             _ => None,
         };
-        let p = match reuse(&path, model, through, &job)? {
+        let p = match reuse(&path, model, through, &job, &plan.sgd)? {
             Some(p) => p,
             None => {
                 let (train, hold) = attack::split_holdout(data, holdout, job.seed)?;
@@ -366,11 +366,24 @@ pub fn generate(
 /// A perturbation made earlier by the same job (for an adaptive attack: through the same
 /// defence, `through`), or None; a file of another job, model or defence under the job's name
 /// is an error rather than silently reused or overwritten.
+/// Whether an SGD-UAP file's parameters are those `sgd` would run with (files from before
+/// momentum and mirroring existed lack those keys: they are plain sign steps).
+fn sgd_settings_match(q: &serde_json::Value, sgd: &SgdConfig) -> bool {
+    let num = |k: &str, absent: Option<f64>| q.get(k).map_or(absent, |v| v.as_f64());
+    num("epochs", None) == Some(sgd.epochs as f64)
+        && num("step", None) == Some(sgd.step)
+        && num("decay", None) == Some(sgd.decay)
+        && num("beta", None) == Some(sgd.beta)
+        && num("momentum", Some(0.0)) == Some(sgd.momentum)
+        && q.get("flip").map_or(Some(false), |v| v.as_bool()) == Some(sgd.flip)
+}
+
 fn reuse(
     path: &Path,
     model: &Model,
     through: Option<&Defense>,
     job: &Planned,
+    sgd: &SgdConfig,
 ) -> Result<Option<Perturbation>> {
     if !path.is_file() {
         return Ok(None);
@@ -408,6 +421,16 @@ fn reuse(
                 } => Some(serde_json::json!(f.to_string())),
                 _ => None,
             };
+    let sgd_same = !matches!(job.job, Job::Sgd { .. }) || sgd_settings_match(&p.meta.params, sgd);
+    if same && !sgd_same {
+        return Err(SfrError::param(
+            "suite",
+            format!(
+                "{} exists but is an SGD-UAP made with other settings (epochs, step, decay, β, momentum or mirroring) than this run's; move it away or choose another --out",
+                path.display()
+            ),
+        ));
+    }
     if !same {
         return Err(SfrError::param(
             "suite",
@@ -422,4 +445,46 @@ fn reuse(
         ));
     }
     Ok(Some(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_sgd_uap_must_have_the_runs_settings() {
+        let sgd = SgdConfig::default();
+        let made = |momentum: Option<f64>, flip: Option<bool>, epochs: usize| {
+            let mut q = serde_json::json!({
+                "epochs": epochs, "step": sgd.step, "decay": sgd.decay, "beta": sgd.beta,
+            });
+            if let Some(m) = momentum {
+                q["momentum"] = m.into();
+            }
+            if let Some(f) = flip {
+                q["flip"] = f.into();
+            }
+            q
+        };
+        assert!(sgd_settings_match(
+            &made(Some(sgd.momentum), Some(true), sgd.epochs),
+            &sgd
+        ));
+        // Another epoch count, no mirroring, or a file from before momentum existed.
+        assert!(!sgd_settings_match(
+            &made(Some(sgd.momentum), Some(true), 3),
+            &sgd
+        ));
+        assert!(!sgd_settings_match(
+            &made(Some(sgd.momentum), Some(false), sgd.epochs),
+            &sgd
+        ));
+        assert!(!sgd_settings_match(&made(None, None, sgd.epochs), &sgd));
+        let plain = SgdConfig {
+            momentum: 0.0,
+            flip: false,
+            ..SgdConfig::default()
+        };
+        assert!(sgd_settings_match(&made(None, None, sgd.epochs), &plain));
+    }
 }
