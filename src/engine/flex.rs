@@ -41,11 +41,14 @@ pub(super) fn dims(t: &FlexTensor) -> [usize; 4] {
     [s[0], s[1], s[2], s[3]]
 }
 
-/// Owned, writable f32 storage of `t` (in place when nothing else holds it; otherwise a copy
-/// made in parallel).
+/// Owned, writable f32 storage of `t` (in place when nothing else holds it and it spans its
+/// whole storage; otherwise a copy made in parallel). A view into part of a buffer (a batch
+/// slice: `cat`'s backward hands each part such a view) is copied: [`mut_data`] reaches the
+/// whole buffer.
 pub(super) fn owned(t: FlexTensor) -> FlexTensor {
     let t = dense(t);
-    if t.is_unique() {
+    let whole = t.layout().contiguous_offsets() == Some((0, t.bytes().len() / 4));
+    if t.is_unique() && whole {
         return t;
     }
     let src = data(&t);

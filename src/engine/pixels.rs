@@ -149,6 +149,34 @@ mod tests {
     use crate::engine::flex::test_util::close;
     use burn::tensor::{Device, Distribution};
 
+    /// Half a batch perturbed and joined back to the clean half (`--method uat`'s batches):
+    /// `cat`'s backward hands the perturbation a view into part of the gradient's buffer, which
+    /// the backward must not treat as the whole buffer.
+    #[test]
+    fn perturb_of_half_a_batch_joined_by_cat_has_the_gradient_of_add_and_clamp() {
+        let dev = Device::flex();
+        let x: Tensor<4> = Tensor::random([4, 3, 4, 5], Distribution::Uniform(0.0, 255.0), &dev);
+        let v: Tensor<4> = Tensor::random([1, 3, 4, 5], Distribution::Uniform(-10.0, 10.0), &dev);
+        let gy: Tensor<4> = Tensor::random([4, 3, 4, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |fast: bool| {
+            let va = v.clone().autodiff().require_grad();
+            let clean = x.clone().narrow(0, 0, 2).autodiff();
+            let half = x.clone().narrow(0, 2, 2).autodiff();
+            let pert = if fast {
+                perturb(half, va.clone(), true)
+            } else {
+                (half + va.clone()).clamp(0.0, 255.0)
+            };
+            let y = Tensor::cat(vec![clean, pert], 0);
+            let g = (y.clone() * gy.clone().autodiff()).sum().backward();
+            (y.inner(), va.grad(&g).unwrap())
+        };
+        let (a, av) = run(true);
+        let (b, bv) = run(false);
+        close(a, b, 0.0);
+        close(av, bv, 1e-6);
+    }
+
     #[test]
     fn perturb_matches_add_and_clamp() {
         let dev = Device::flex();
