@@ -447,6 +447,19 @@ fn defend_refuses_impossible_training_parameters() {
         &run(&["--method", "prn", "--val", "0", "--prn-width", "0"]),
         &["--prn-width", "1..=1024"],
     );
+    assert_error(
+        &run(&["--method", "uat", "--selection", "random"]),
+        &["--selection", "--method uat"],
+    );
+    assert_error(&run(&["--uat-step", "2"]), &["--uat-step", "--method uat"]);
+    assert_error(
+        &run(&["--method", "uat", "--uat-step", "0"]),
+        &["--uat-step", "positive"],
+    );
+    assert_error(
+        &run(&["--method", "uat", "--val", "0", "--sites", "no.such.conv"]),
+        &["no.such.conv"],
+    );
     assert!(!out.exists(), "nothing written on a refused run");
 }
 

@@ -691,3 +691,148 @@ fn defence_files_whose_placements_do_not_fit_the_network_are_refused() {
         );
     }
 }
+
+/// Universal adversarial training (`--method uat`): untrained, it is the backbone (every conv
+/// tuned, each change zero); a changed weight changes the output, survives a round trip and
+/// passes gradients to the input; `sfr defend --method uat` moves the weights and its own
+/// perturbation (inside the ℓ∞ ball of the first training perturbation), a killed run resumes
+/// to the uninterrupted run's tensors bit for bit, and `sfr eval` runs the tuned network.
+#[test]
+fn uat_tunes_the_backbone_trains_resumes_exactly_and_round_trips() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let base = values(model.forward_pixels(x.clone(), &mut NoTap));
+    let uat = PlanOptions {
+        method: Method::Uat,
+        ..Default::default()
+    };
+    let mut d = Defense::plant(&model, &uat, &dev).unwrap();
+    let sites: Vec<String> = model.sites().into_iter().map(|s| s.name).collect();
+    assert_eq!(d.meta.tuned, sites);
+    assert!(d.meta.sites.is_empty() && d.frus.units.is_empty());
+    // Unfused (conv, then batch norm) against fused: rounding only.
+    let same = values(d.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &same) < 1e-3);
+    let w0 = d.frus.deltas[0].val();
+    d.frus.deltas[0] = burn::module::Param::from_tensor(w0.ones_like().mul_scalar(0.01));
+    let changed = values(d.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &changed) > 1e-2);
+    let dir = common::scratch("uat");
+    let path = dir.join("uat.safetensors");
+    d.save(&path).unwrap();
+    let mut e = Defense::load(&path, &model, &dev).unwrap();
+    assert_eq!(e.meta.method, Method::Uat);
+    assert!(common::max_abs_diff(&changed, &values(e.forward_pixels(&model, x.clone()))) < 1e-5);
+    let t = sfr::attack::Target::defended(&model, &e).unwrap();
+    let xa = x.clone().autodiff().require_grad();
+    let g = t.logits_grad(xa.clone()).max_dim(1).mean().backward();
+    let gx = xa
+        .grad(&g)
+        .unwrap()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
+    // --sites names the convs to tune; the site rule (an FRU placement) is refused.
+    let one = PlanOptions {
+        method: Method::Uat,
+        sites: vec!["features.18.0".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        Defense::plant(&model, &one, &dev).unwrap().meta.tuned,
+        ["features.18.0"]
+    );
+    let rule = PlanOptions {
+        method: Method::Uat,
+        sites: vec!["rule".into()],
+        ..Default::default()
+    };
+    let err = Defense::plant(&model, &rule, &dev).unwrap_err().to_string();
+    assert!(err.contains("--sites"), "{err}");
+
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
+    let args = |out: &PathBuf, resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sfr"));
+        c.args(["defend", "--quiet", "--method", "uat", "--epochs", "3"])
+            .args(["--batch-size", "4", "--val", "2", "--seed", "3", "--data"])
+            .arg(&data)
+            .arg("--uap")
+            .arg(&uap)
+            .arg("--out")
+            .arg(out);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let whole = dir.join("whole.safetensors");
+    let o = args(&whole, false).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cut = dir.join("cut.safetensors");
+    let ckpt = dir.join("cut.safetensors.ckpt");
+    let _ = std::fs::remove_file(&cut);
+    let _ = std::fs::remove_file(&ckpt);
+    let mut child = args(&cut, false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt.exists() && !cut.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let o = args(&cut, true).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        sfr::weights::load(&whole).unwrap(),
+        sfr::weights::load(&cut).unwrap(),
+    );
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors"
+    );
+    for (k, t) in a.iter() {
+        assert_eq!(
+            t.data,
+            b.get(k).unwrap().data,
+            "`{k}` differs after the resume"
+        );
+    }
+    // Training moved the weights and the perturbation, which stayed in the ball.
+    let trained = Defense::load(&whole, &model, &dev).unwrap();
+    let moved = trained
+        .frus
+        .deltas
+        .iter()
+        .any(|p| values4(p.val()).iter().any(|v| *v != 0.0));
+    assert!(moved, "training changed no weight");
+    let start = sfr::perturbation::Perturbation::load(&uap).unwrap();
+    assert_eq!(trained.uat_perturbation.len(), start.data.len());
+    assert_ne!(trained.uat_perturbation, start.data);
+    assert!(
+        trained
+            .uat_perturbation
+            .iter()
+            .all(|v| v.abs() <= start.meta.eps as f32 + 1e-4)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args(["eval", "--quiet", "--json", "--data"])
+        .arg(&data)
+        .arg("--defense")
+        .arg(&whole)
+        .arg("-p")
+        .arg(&uap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn values4(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}

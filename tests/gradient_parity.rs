@@ -229,7 +229,10 @@ fn fru_weight_gradients_match_pytorch() {
         b3: p1("b3"),
         w4: p4("w4"),
     };
-    let set = FruSet { units: vec![fru] };
+    let set = FruSet {
+        units: vec![fru],
+        deltas: Vec::new(),
+    };
     let placements = vec![Placement {
         site: "features.0.0".into(),
         channels: 32,
@@ -247,6 +250,7 @@ fn fru_weight_gradients_match_pytorch() {
         stats: &mut stats,
         training: true,
         visited: 0,
+        tuned: &[],
     };
     let logits = model.forward_normalized(x, &mut tap);
     assert_eq!(tap.visited, 1);

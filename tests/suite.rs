@@ -1,6 +1,6 @@
 //! `sfr suite` end to end at a small scale: a briefly trained defence, every generated attack
-//! row (seen, control, unseen, stronger, cross-norm, adaptive) plus the published ones, six
-//! defence columns (a PRN rival among them), the report's files, restoration accuracy recomputed from its own cells, a
+//! row (seen, control, unseen, stronger, cross-norm, adaptive) plus the published ones, seven
+//! defence columns (the PRN and UAT rivals among them), the report's files, restoration accuracy recomputed from its own cells, a
 //! rerun that reuses the attacks, and the refusal to evaluate on attack-generation images.
 
 mod common;
@@ -58,9 +58,10 @@ fn suite_reports_every_row_and_column() {
         &s(&uap),
     ]);
     ok(&o, "attack");
-    // The defence, and a learned rival trained the same way.
+    // The defence, and the learned rivals trained the same way.
     let prn = dir.join("prn.safetensors");
-    for (method, out) in [("sfr", &defense), ("prn", &prn)] {
+    let uat = dir.join("uat.safetensors");
+    for (method, out) in [("sfr", &defense), ("prn", &prn), ("uat", &uat)] {
         let o = sfr(&[
             "defend",
             "-q",
@@ -91,6 +92,8 @@ fn suite_reports_every_row_and_column() {
         &s(&defense),
         "--rival",
         &s(&prn),
+        "--rival",
+        &s(&uat),
         "--data",
         &nips,
         "--limit",
@@ -129,7 +132,7 @@ fn suite_reports_every_row_and_column() {
         .collect();
     assert_eq!(
         columns,
-        ["none", "sfr", "prn", "jpeg75", "median3", "bits4"]
+        ["none", "sfr", "prn", "uat", "jpeg75", "median3", "bits4"]
     );
     let rows = r["rows"].as_array().unwrap();
     let cats: Vec<&str> = rows
@@ -147,12 +150,12 @@ fn suite_reports_every_row_and_column() {
     ] {
         assert!(cats.contains(&want), "a {want} row in {cats:?}");
     }
-    // 12 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive through the
-    // defence, through the rival and through each of the 3 baselines) + 9 published.
-    assert_eq!(rows.len(), 21, "{cats:?}");
+    // 13 generated rows (seen, control, fff, gduap, deepfool, ℓ∞ 15, ℓ2, adaptive through the
+    // defence, through each rival and through each of the 3 baselines) + 9 published.
+    assert_eq!(rows.len(), 22, "{cats:?}");
     for row in rows {
         let cells = row["cells"].as_array().unwrap();
-        assert_eq!(cells.len(), 6);
+        assert_eq!(cells.len(), 7);
         assert_eq!(row["n"], 12);
         for c in cells {
             let ct = c["clean_top1"].as_f64().unwrap();
@@ -175,7 +178,9 @@ fn suite_reports_every_row_and_column() {
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
-        md.contains("| attack | kind | budget | none | sfr | prn | jpeg75 | median3 | bits4 |")
+        md.contains(
+            "| attack | kind | budget | none | sfr | prn | uat | jpeg75 | median3 | bits4 |"
+        )
     );
     let adaptive = sfr::perturbation::Perturbation::load(
         &out.join("attacks/adaptive_sgd_linf_10.safetensors"),
@@ -196,6 +201,14 @@ fn suite_reports_every_row_and_column() {
     assert_ne!(
         through_prn.meta.params["through_defense"]["id"],
         adaptive.meta.params["through_defense"]["id"]
+    );
+    let through_uat = sfr::perturbation::Perturbation::load(
+        &out.join("attacks/adaptive_sgd_linf_10_through_uat.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        through_uat.meta.params["through_defense"]["method"], "uat",
+        "the adaptive attack on UAT went through the tuned network"
     );
     let through_jpeg = sfr::perturbation::Perturbation::load(
         &out.join("attacks/adaptive_sgd_linf_10_through_jpeg75.safetensors"),

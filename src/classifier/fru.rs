@@ -12,10 +12,11 @@ use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use std::sync::Arc;
 
 use crate::engine::{
-    Act, Affine, BnParams, batch_norm_train_relu, conv2d_trainable, gather_channels,
+    Act, Affine, BnParams, batch_norm_train_relu, conv2d_as, conv2d_trainable, gather_channels,
     replace_channels,
 };
 use crate::zoo::Tap;
+use crate::zoo::layers::Conv;
 
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
@@ -45,11 +46,15 @@ pub struct Fru {
     pub w4: Param<Tensor<4>>,
 }
 
-/// Every FRU of a defence, in site order.
-#[derive(Module, Debug)]
+/// What a defence trains: its FRUs, in site order, and — for universal adversarial training
+/// (`sfr defend --method uat`) — the change to each tuned backbone conv's weight.
+#[derive(Module, Debug, Default)]
 pub struct FruSet {
     /// One unit per site.
     pub units: Vec<Fru>,
+    /// One weight change `[out, in / groups, kh, kw]` per tuned conv, in the order of the
+    /// [`Regenerate::tuned`] sites: the conv runs with its weight plus this (zero at the start).
+    pub deltas: Vec<Param<Tensor<4>>>,
 }
 
 /// Running batch-norm statistics of the FRUs (not trained by gradient).
@@ -216,11 +221,30 @@ pub struct Regenerate<'a> {
     pub training: bool,
     /// How many sites were regenerated in the last pass.
     pub visited: usize,
+    /// The convs whose weights are tuned (`frus.deltas`, same order).
+    pub tuned: &'a [String],
 }
 
 impl Tap for Regenerate<'_> {
     fn wants(&self, site: &str) -> bool {
-        self.placements.iter().any(|p| p.site == site)
+        self.placements.iter().any(|p| p.site == site) || self.tuned.iter().any(|t| t == site)
+    }
+
+    fn conv(&mut self, conv: &Conv, x: Tensor<4>) -> Tensor<4> {
+        let y = match self.tuned.iter().position(|t| *t == conv.name) {
+            Some(j) => {
+                let dw = self.frus.deltas[j].val();
+                let w = if dw.is_autodiff() {
+                    conv.weight.clone().autodiff() + dw
+                } else {
+                    conv.weight.clone() + dw
+                };
+                self.visited += 1;
+                conv2d_as(x, w, &conv.op)
+            }
+            None => conv.raw(x),
+        };
+        self.visit(&conv.name, y)
     }
 
     fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {

@@ -52,6 +52,8 @@ pub struct Planted {
     pub placements: Vec<Placement>,
     /// Their batch-norm running statistics.
     pub stats: BnStats,
+    /// The backbone convs whose weights the defence changes (`frus.deltas`, same order).
+    pub tuned: Vec<String>,
 }
 
 /// Something that plants FRUs on a backbone: a defence file (`defense::Defense`) implements it,
@@ -71,6 +73,7 @@ struct FrozenDefense {
     grad: FruSet,
     placements: Vec<Placement>,
     stats: BnStats,
+    tuned: Vec<String>,
     straight_through: bool,
 }
 
@@ -105,6 +108,18 @@ impl crate::zoo::Tap for StraightThrough<'_, '_> {
             x.clone() + (y - x).detach()
         } else {
             x
+        }
+    }
+
+    /// A tuned conv forward, the backbone's own conv backward.
+    fn conv(&mut self, conv: &crate::zoo::layers::Conv, x: Tensor<4>) -> Tensor<4> {
+        if self.0.tuned.contains(&conv.name) {
+            let plain = conv.raw(x.clone());
+            let y = self.0.conv(conv, x);
+            plain.clone() + (y - plain).detach()
+        } else {
+            let y = conv.raw(x);
+            self.visit(&conv.name, y)
         }
     }
 }
@@ -151,6 +166,7 @@ impl<'a> Classifier<'a> {
                 plain: p.frus,
                 placements: p.placements,
                 stats: p.stats,
+                tuned: p.tuned,
                 straight_through: gradient == FruGradient::StraightThrough,
             }),
             filter: None,
@@ -193,6 +209,7 @@ impl<'a> Classifier<'a> {
                     stats: &mut stats,
                     training: false,
                     visited: 0,
+                    tuned: &d.tuned,
                 };
                 if grad && d.straight_through {
                     self.model

@@ -4,6 +4,11 @@
 //! of its output with a Feature Regeneration Unit ([`fru`]) through the model's taps, and train
 //! only the units on clean and perturbed images ([`train`]) with real or synthetic perturbations
 //! ([`synthetic`]). The backbone stays frozen, batch-norm statistics included.
+//!
+//! Two rivals train in the same loop and live in the same file format ([`Method`]): a PRN-style
+//! rectifier (one unit in front of the frozen network) and universal adversarial training, which
+//! fine-tunes the backbone's conv weights (stored as changes, applied by the same tap) against a
+//! universal perturbation of its own.
 
 pub mod baselines;
 pub mod ranking;
@@ -40,6 +45,11 @@ pub enum Method {
     /// channels of the normalised input, in front of the frozen network, trained as the FRUs
     /// are.
     Prn,
+    /// Universal adversarial training (after Shafahi et al., AAAI 2020): the backbone's conv
+    /// weights fine-tuned against a universal perturbation that sign steps update between
+    /// mini-batches, in the same loop as the FRUs; the batch norms (statistics and affine
+    /// parameters), conv biases and the final linear layer stay frozen.
+    Uat,
 }
 
 impl Method {
@@ -54,6 +64,7 @@ impl std::fmt::Display for Method {
         f.write_str(match self {
             Method::Sfr => "sfr",
             Method::Prn => "prn",
+            Method::Uat => "uat",
         })
     }
 }
@@ -257,6 +268,10 @@ pub struct DefenseMeta {
     pub width: Vec<usize>,
     /// Channel selection rule.
     pub selection: Selection,
+    /// Backbone convs whose weights the defence changes (universal adversarial training),
+    /// in forward order. Absent for FRU defences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tuned: Vec<String>,
     /// Fraction of channels regenerated.
     pub fraction: f64,
     /// Training configuration and what was measured while training.
@@ -274,6 +289,10 @@ pub struct Defense {
     pub frus: FruSet,
     /// Their BN running statistics.
     pub stats: BnStats,
+    /// Universal adversarial training's perturbation as training left it (`[3, S, S]`, 0–255
+    /// scale; empty for other defences): checkpointed for an exact resume, and saved as an
+    /// artefact of the run.
+    pub uat_perturbation: Vec<f32>,
 }
 
 /// Options for planting FRUs.
@@ -313,8 +332,10 @@ impl Defense {
     /// Fresh (identity) FRUs at the chosen sites of `model` (or a fresh rectifier at its input),
     /// on `device`.
     pub fn plant(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
-        if opts.method == Method::Prn {
-            return Self::plant_prn(model, opts, device);
+        match opts.method {
+            Method::Prn => return Self::plant_prn(model, opts, device),
+            Method::Uat => return Self::plant_uat(model, opts, device),
+            Method::Sfr => {}
         }
         if !(opts.fraction > 0.0 && opts.fraction <= 1.0) {
             return Err(SfrError::param(
@@ -342,6 +363,7 @@ impl Defense {
             regen: Vec::new(),
             width: Vec::new(),
             selection: opts.selection,
+            tuned: Vec::new(),
             fraction: opts.fraction,
             training: serde_json::Value::Null,
             sfr_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -371,8 +393,12 @@ impl Defense {
         let stats = BnStats::new(&meta.width);
         Ok(Defense {
             meta,
-            frus: FruSet { units },
+            frus: FruSet {
+                units,
+                deltas: Vec::new(),
+            },
             stats,
+            uat_perturbation: Vec::new(),
         })
     }
 
@@ -402,6 +428,7 @@ impl Defense {
             regen: vec![vec![0, 1, 2]],
             width: vec![d],
             selection: Selection::Ranked,
+            tuned: Vec::new(),
             fraction: 1.0,
             training: serde_json::Value::Null,
             sfr_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -410,8 +437,69 @@ impl Defense {
             meta,
             frus: FruSet {
                 units: vec![Fru::new(3, d, device)],
+                deltas: Vec::new(),
             },
             stats: BnStats::new(&[d]),
+            uat_perturbation: Vec::new(),
+        })
+    }
+
+    /// Universal adversarial training's starting point: every conv of `model` (or the
+    /// `--sites` named) tuned, each weight change zero, so that the untrained defence is the
+    /// backbone itself.
+    fn plant_uat(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
+        let sites = model.sites();
+        let tuned = if opts.sites.is_empty() {
+            sites.iter().map(|s| s.name.clone()).collect()
+        } else {
+            if opts.sites == ["rule"] {
+                return Err(SfrError::param(
+                    "--sites",
+                    "the site rule places FRUs; for --method uat name the convs to tune, or give none to tune them all",
+                ));
+            }
+            model.order_sites(&opts.sites)?
+        };
+        let deltas = tuned
+            .iter()
+            .map(|t| {
+                let s = sites.iter().find(|s| &s.name == t).ok_or_else(|| {
+                    SfrError::param(
+                        "--sites",
+                        format!("`{t}` is not a site of `{}`", model.spec().name),
+                    )
+                })?;
+                let shape = [
+                    s.out_channels,
+                    s.in_channels / s.groups,
+                    s.kernel[0],
+                    s.kernel[1],
+                ];
+                Ok(Param::from_tensor(Tensor::zeros(shape, device)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = DefenseMeta {
+            method: Method::Uat,
+            model: model.spec().name.to_string(),
+            backbone: backbone_fingerprint(model),
+            sites: Vec::new(),
+            channels: Vec::new(),
+            regen: Vec::new(),
+            width: Vec::new(),
+            selection: Selection::Ranked,
+            tuned,
+            fraction: 0.0,
+            training: serde_json::Value::Null,
+            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(Defense {
+            meta,
+            frus: FruSet {
+                units: Vec::new(),
+                deltas,
+            },
+            stats: BnStats::new(&[]),
+            uat_perturbation: Vec::new(),
         })
     }
 
@@ -427,6 +515,10 @@ impl Defense {
             Method::Prn => format!(
                 "a PRN-style rectifier: one residual unit on the input, width {}",
                 self.meta.width.first().copied().unwrap_or(0)
+            ),
+            Method::Uat => format!(
+                "universal adversarial training: the weights of {} convs tuned",
+                self.meta.tuned.len()
             ),
         }
     }
@@ -491,6 +583,30 @@ impl Defense {
     /// channel count, distinct channel indices below it.
     fn check_placements(&self, model: &Model) -> Result<()> {
         let sites = model.sites();
+        if self.meta.method == Method::Uat {
+            if !self.meta.sites.is_empty() {
+                return Err(SfrError::param(
+                    "--defense",
+                    "a universal-adversarial-training defence has no FRU sites",
+                ));
+            }
+            for t in &self.meta.tuned {
+                if !sites.iter().any(|s| &s.name == t) {
+                    return Err(SfrError::param(
+                        "--defense",
+                        format!("`{t}` is not a conv of `{}`", self.meta.model),
+                    ));
+                }
+            }
+            if self.meta.tuned.is_empty() {
+                return Err(SfrError::param("--defense", "the file tunes no conv"));
+            }
+        } else if !self.meta.tuned.is_empty() {
+            return Err(SfrError::param(
+                "--defense",
+                "only a universal-adversarial-training defence tunes backbone convs",
+            ));
+        }
         for p in self.placements() {
             let channels = if p.site == fru::INPUT_SITE {
                 if self.meta.method != Method::Prn {
@@ -558,6 +674,7 @@ impl Defense {
             stats: &mut self.stats,
             training: false,
             visited: 0,
+            tuned: &self.meta.tuned,
         };
         model.forward_pixels(pixels, &mut tap)
     }
@@ -609,6 +726,20 @@ impl Defense {
                 );
             }
         }
+        for (t, d) in self.meta.tuned.iter().zip(&self.frus.deltas) {
+            put(&mut map, format!("uat.delta.{t}"), d.val())?;
+        }
+        if !self.uat_perturbation.is_empty() {
+            let n = self.uat_perturbation.len();
+            let side = ((n / 3) as f64).sqrt().round() as usize;
+            map.insert(
+                "uat.perturbation".to_string(),
+                RawTensor {
+                    shape: vec![3, side, side],
+                    data: self.uat_perturbation.clone(),
+                },
+            );
+        }
         let mut meta = extra;
         meta.insert(
             "sfr_defense".to_string(),
@@ -641,6 +772,7 @@ impl Defense {
             }
         };
         let mut map = weights::load(path)?;
+        let has_uat_perturbation = map.contains_key("uat.perturbation");
         // Nothing is sized from the metadata before it is checked against the tensors in the
         // file: a width of 10^11 must be an error, not an allocation.
         let no_stats = || BnStats {
@@ -649,8 +781,9 @@ impl Defense {
         };
         let d = Defense {
             meta: meta.clone(),
-            frus: FruSet { units: Vec::new() },
+            frus: FruSet::default(),
             stats: no_stats(),
+            uat_perturbation: Vec::new(),
         };
         if meta.width.len() != meta.regen.len() || meta.sites.len() != meta.regen.len() {
             return Err(SfrError::param(
@@ -749,10 +882,38 @@ impl Defense {
                 w4,
             });
         }
+        let sites = model.sites();
+        let mut deltas = Vec::new();
+        for t in &meta.tuned {
+            let s = sites.iter().find(|s| &s.name == t).ok_or_else(|| {
+                SfrError::param(
+                    "--defense",
+                    format!("{}: `{t}` is not a conv of the network", path.display()),
+                )
+            })?;
+            let shape = [
+                s.out_channels,
+                s.in_channels / s.groups,
+                s.kernel[0],
+                s.kernel[1],
+            ];
+            let v = take(format!("uat.delta.{t}"), shape.to_vec())?;
+            deltas.push(Param::from_tensor(Tensor::from_data(
+                TensorData::new(v, shape),
+                device,
+            )));
+        }
+        let size = model.spec().input_size;
+        let uat_perturbation = if meta.method == Method::Uat && has_uat_perturbation {
+            take("uat.perturbation".to_string(), vec![3, size, size])?
+        } else {
+            Vec::new()
+        };
         Ok(Defense {
             meta,
-            frus: FruSet { units },
+            frus: FruSet { units, deltas },
             stats,
+            uat_perturbation,
         })
     }
 }
@@ -764,6 +925,7 @@ impl Plant for Defense {
             frus: self.frus.clone(),
             placements: self.placements(),
             stats: self.stats.clone(),
+            tuned: self.meta.tuned.clone(),
         })
     }
 
@@ -772,13 +934,17 @@ impl Plant for Defense {
     }
 
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "id": Defense::id(self),
             "method": self.meta.method,
             "sites": self.meta.sites,
             "selection": self.meta.selection,
             "training": self.meta.training.get("config"),
-        })
+        });
+        if !self.meta.tuned.is_empty() {
+            v["tuned"] = serde_json::json!(self.meta.tuned.len());
+        }
+        v
     }
 }
 
@@ -796,6 +962,7 @@ mod tests {
             regen: vec![vec![1, 0]],
             width: vec![2],
             selection: Selection::Ranked,
+            tuned: Vec::new(),
             fraction: 0.5,
             training: serde_json::Value::Null,
             sfr_version: "0".into(),

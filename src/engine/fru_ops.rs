@@ -14,6 +14,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::FrozenConv;
 use super::conv::{self, ConvGeom, Epilogue};
 use super::elementwise::{Act, epilogue_row, relu_affine_grad, relu_grad_sums, sum, sum_sq_dev};
 use super::flex::*;
@@ -61,16 +62,63 @@ fn train_geom(x: [usize; 4], w: [usize; 4], stride: usize, pad: usize, groups: u
     .unwrap_or_else(|| panic!("convolution weight {w:?} does not fit input {x:?}"))
 }
 
-fn train_forward_flex(g: &ConvGeom, x: &FlexTensor, w: &FlexTensor) -> FlexTensor {
-    let zeros = zeroed(g.cout);
+fn train_forward_flex(g: &ConvGeom, x: &FlexTensor, w: &FlexTensor, bias: &[f32]) -> FlexTensor {
+    let zeros;
+    let bias = if bias.is_empty() {
+        zeros = zeroed(g.cout);
+        &zeros[..]
+    } else {
+        bias
+    };
     let ep = Epilogue {
-        bias: &zeros,
+        bias,
         act: Act::None,
         residual: None,
     };
     let mut y = zeroed(g.n * g.out_len());
     conv::forward(g, data(x), data(w), &ep, &mut y);
     tensor(y, [g.n, g.cout, g.ho, g.wo])
+}
+
+/// The learning convolution on flex primitives (plain or autodiff): `None` for tensors on
+/// another backend.
+fn learn_flex(
+    x: &Tensor<4>,
+    w: &Tensor<4>,
+    geom: impl Fn([usize; 4], [usize; 4]) -> ConvGeom,
+    bias: &[f32],
+) -> Option<Tensor<4>> {
+    if x.is_autodiff() || w.is_autodiff() {
+        let (x, w) = (x.clone().autodiff(), w.clone().autodiff());
+        let (xa, wa) = (as_ad(&x)?, as_ad(&w)?);
+        let g = geom(x.dims(), w.dims());
+        let out = match TrainConvBackward
+            .prepare::<NoCheckpointing>([xa.node(), wa.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let xp = dense(xa.into_primitive());
+                let wp = dense(wa.into_primitive());
+                let y = train_forward_flex(&g, &xp, &wp, bias);
+                prep.finish((g, Some(xp), Some(wp)), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let xp = dense(xa.into_primitive());
+                let wp = dense(wa.into_primitive());
+                prep.finish(train_forward_flex(&g, &xp, &wp, bias))
+            }
+        };
+        return Some(Tensor::from_primitive::<Ad>(out));
+    }
+    let (xf, wf) = (as_flex(x)?, as_flex(w)?);
+    let g = geom(x.dims(), w.dims());
+    Some(Tensor::from_primitive::<Flex>(train_forward_flex(
+        &g,
+        &dense(xf),
+        &dense(wf),
+        bias,
+    )))
 }
 
 /// `conv2d(x, w)` without bias, symmetric padding `pad`, with gradients for the input and the
@@ -82,44 +130,49 @@ pub fn conv2d_trainable(
     pad: usize,
     groups: usize,
 ) -> Tensor<4> {
-    let burn_conv = |x: Tensor<4>, w: Tensor<4>| {
+    let geom = |x, w| train_geom(x, w, stride, pad, groups);
+    learn_flex(&x, &w, geom, &[]).unwrap_or_else(|| {
         conv2d(
             x,
             w,
             None,
             ConvOptions::new([stride, stride], [pad, pad], [1, 1], groups),
         )
+    })
+}
+
+/// The frozen convolution `op` (its geometry and bias; its activation must be none) run with
+/// the weight `w` instead of its own, with gradients for the input and for `w` (whichever is
+/// tracked): a backbone conv whose weights learn (`sfr defend --method uat`). Other backends:
+/// burn's `conv2d` (symmetric padding only).
+pub fn conv2d_as(x: Tensor<4>, w: Tensor<4>, op: &FrozenConv) -> Tensor<4> {
+    assert_eq!(op.act, Act::None, "conv2d_as runs a raw convolution");
+    let geom = |xd: [usize; 4], wd: [usize; 4]| {
+        let g = op.geom(xd);
+        assert_eq!(
+            wd,
+            [op.cout, op.cin / op.groups, op.kernel[0], op.kernel[1]],
+            "weight does not fit the convolution"
+        );
+        g
     };
-    if x.is_autodiff() || w.is_autodiff() {
-        let (x, w) = (x.autodiff(), w.autodiff());
-        let (Some(xa), Some(wa)) = (as_ad(&x), as_ad(&w)) else {
-            return burn_conv(x, w);
-        };
-        let g = train_geom(x.dims(), w.dims(), stride, pad, groups);
-        let out = match TrainConvBackward
-            .prepare::<NoCheckpointing>([xa.node(), wa.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let xp = dense(xa.into_primitive());
-                let wp = dense(wa.into_primitive());
-                let y = train_forward_flex(&g, &xp, &wp);
-                prep.finish((g, Some(xp), Some(wp)), y)
-            }
-            OpsKind::UnTracked(prep) => {
-                let xp = dense(xa.into_primitive());
-                let wp = dense(wa.into_primitive());
-                prep.finish(train_forward_flex(&g, &xp, &wp))
-            }
-        };
-        return Tensor::from_primitive::<Ad>(out);
+    if let Some(y) = learn_flex(&x, &w, geom, &op.bias) {
+        return y;
     }
-    if let (Some(xf), Some(wf)) = (as_flex(&x), as_flex(&w)) {
-        let g = train_geom(x.dims(), w.dims(), stride, pad, groups);
-        return Tensor::from_primitive::<Flex>(train_forward_flex(&g, &dense(xf), &dense(wf)));
-    }
-    burn_conv(x, w)
+    let [_, _, h, wd] = x.dims();
+    let [(t, b), (l, r)] = op.padding.pairs(h, wd, op.kernel, op.stride);
+    assert!(
+        t == b && l == r,
+        "asymmetric padding needs the flex backend"
+    );
+    let c = op.cout;
+    let bias = Tensor::<1>::from_data(TensorData::new(op.bias.to_vec(), [c]), &x.device());
+    conv2d(
+        x,
+        w,
+        Some(bias),
+        ConvOptions::new(op.stride, [t, l], op.dilation, op.groups),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,6 +675,95 @@ mod tests {
         close(a, b, 1e-6);
         close(ax, bx, 1e-6);
         close(ay, by, 1e-6);
+    }
+
+    /// A backbone conv run with a learning weight (`--method uat`): its output, input gradient
+    /// and weight gradient match burn's own `conv2d` and its autodiff, for a dense strided conv
+    /// with a bias, a depthwise one and a grouped 1×1; TF "same" padding against the frozen
+    /// conv's own forward.
+    #[test]
+    fn conv2d_as_matches_burn_conv2d_and_its_gradients() {
+        use crate::engine::{FrozenConv, Padding};
+        let dev = Device::flex();
+        let cases = [
+            // (cin, cout, k, stride, pad, groups)
+            (3, 8, 3, 2, 1, 1),
+            (6, 6, 3, 2, 1, 6),
+            (8, 4, 1, 1, 0, 2),
+        ];
+        for (cin, cout, k, stride, pad, groups) in cases {
+            let x: Tensor<4> = Tensor::random([2, cin, 9, 9], Distribution::Normal(0.0, 1.0), &dev);
+            let w: Tensor<4> = Tensor::random(
+                [cout, cin / groups, k, k],
+                Distribution::Normal(0.0, 0.5),
+                &dev,
+            );
+            let bias: Vec<f32> = (0..cout).map(|i| i as f32 * 0.1 - 0.2).collect();
+            let op = FrozenConv {
+                weight: Arc::new(w.clone().into_data().try_into_vec::<f32>().unwrap()),
+                bias: Arc::new(bias.clone()),
+                cout,
+                cin,
+                kernel: [k, k],
+                stride: [stride, stride],
+                padding: Padding::same_all(pad),
+                dilation: [1, 1],
+                groups,
+                act: Act::None,
+            };
+            let run = |ours: bool| {
+                let xa = x.clone().autodiff().require_grad();
+                let wa = w.clone().autodiff().require_grad();
+                let y = if ours {
+                    conv2d_as(xa.clone(), wa.clone(), &op)
+                } else {
+                    let b = Tensor::<1>::from_data(TensorData::new(bias.clone(), [cout]), &dev);
+                    conv2d(
+                        xa.clone(),
+                        wa.clone(),
+                        Some(b.autodiff()),
+                        ConvOptions::new([stride, stride], [pad, pad], [1, 1], groups),
+                    )
+                };
+                let gy = Tensor::<4>::random(y.dims(), Distribution::Normal(0.0, 1.0), &dev);
+                let g = (y.clone() * gy.autodiff()).sum().backward();
+                (y.inner(), xa.grad(&g).unwrap(), wa.grad(&g).unwrap())
+            };
+            // The same random cotangent for both: seed the device before each run.
+            Device::seed(&dev, 7);
+            let (a, ax, aw) = run(true);
+            Device::seed(&dev, 7);
+            let (b, bx, bw) = run(false);
+            close(a, b, 1e-5);
+            close(ax, bx, 1e-5);
+            close(aw, bw, 1e-5);
+            // Not learning: a plain forward, the frozen conv's own result.
+            close(
+                conv2d_as(x.clone(), w.clone(), &op),
+                op_forward(&op, x),
+                1e-5,
+            );
+        }
+        // TF "same" at stride 2 (one pixel after, none before).
+        let x: Tensor<4> = Tensor::random([1, 3, 8, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let w: Tensor<4> = Tensor::random([4, 3, 3, 3], Distribution::Normal(0.0, 0.5), &dev);
+        let op = FrozenConv {
+            weight: Arc::new(w.clone().into_data().try_into_vec::<f32>().unwrap()),
+            bias: Arc::new(vec![0.5; 4]),
+            cout: 4,
+            cin: 3,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: Padding::TfSame,
+            dilation: [1, 1],
+            groups: 1,
+            act: Act::None,
+        };
+        close(conv2d_as(x.clone(), w, &op), op_forward(&op, x), 1e-5);
+    }
+
+    fn op_forward(op: &FrozenConv, x: Tensor<4>) -> Tensor<4> {
+        Arc::new(op.clone()).forward(x, None)
     }
 
     #[test]

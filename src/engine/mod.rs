@@ -39,7 +39,8 @@ use std::sync::Arc;
 
 pub use elementwise::{Act, Join};
 pub use fru_ops::{
-    BnTrainOutput, batch_norm_train_relu, conv2d_trainable, gather_channels, replace_channels,
+    BnTrainOutput, batch_norm_train_relu, conv2d_as, conv2d_trainable, gather_channels,
+    replace_channels,
 };
 pub use fused::Affine;
 pub use geom::ConvGeom;

@@ -550,6 +550,10 @@ fn describe_defense(d: &Defense, file: Option<&str>) -> String {
     let what = match d.meta.method {
         crate::defense::Method::Sfr => format!("Selective Feature Regeneration ({})", d.summary()),
         crate::defense::Method::Prn => format!("{}, trained as the FRUs are", d.summary()),
+        crate::defense::Method::Uat => format!(
+            "{} (BN frozen), in the FRUs' training loop; it changes the backbone, so its clean accuracy is its own",
+            d.summary()
+        ),
     };
     match file {
         Some(f) => format!("{what}; {f}"),

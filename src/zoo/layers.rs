@@ -39,6 +39,14 @@ pub trait Tap {
     fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
         x
     }
+
+    /// Runs the convolution of a site the tap [wants](Tap::wants) on its input `x`. By default
+    /// the convolution runs as it is and [`Tap::visit`] sees its output; a tap that changes the
+    /// convolution's own weights (`sfr defend --method uat`) runs it itself.
+    fn conv(&mut self, conv: &Conv, x: Tensor<4>) -> Tensor<4> {
+        let y = conv.raw(x);
+        self.visit(&conv.name, y)
+    }
 }
 
 /// The tap that changes nothing.
@@ -97,11 +105,10 @@ impl Conv {
 
     /// The convolution, then the tap at this site.
     pub fn forward(&self, x: Tensor<4>, tap: &mut dyn Tap) -> Tensor<4> {
-        let y = self.raw(x);
         if tap.wants(&self.name) {
-            tap.visit(&self.name, y)
+            tap.conv(self, x)
         } else {
-            y
+            self.raw(x)
         }
     }
 
@@ -109,7 +116,7 @@ impl Conv {
     /// the site).
     pub fn forward_act(&self, x: Tensor<4>, act: Act, tap: &mut dyn Tap) -> Tensor<4> {
         if tap.wants(&self.name) {
-            let y = tap.visit(&self.name, self.raw(x));
+            let y = tap.conv(self, x);
             return match act {
                 Act::None => y,
                 Act::Relu => relu(y),

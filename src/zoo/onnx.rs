@@ -1294,7 +1294,7 @@ impl Interpreter {
                         .get(&mut vals, &mut left, Ref::Var(u.x))?
                         .t4("conv input")?;
                     let y = if tap.wants(&u.conv.name) {
-                        let mut z = tap.visit(&u.conv.name, u.conv.raw(x));
+                        let mut z = tap.conv(&u.conv, x);
                         if let Some(bn) = &u.bn {
                             z = bn.forward(z, None);
                         }

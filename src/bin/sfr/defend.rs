@@ -31,9 +31,9 @@ pub(crate) struct DefendArgs {
     /// Images per mini-batch (half clean, half perturbed).
     #[arg(long, default_value_t = 16)]
     pub(crate) batch_size: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub(crate) lr: f64,
+    /// Adam learning rate (default: 1e-3; 1e-5 for --method uat, which fine-tunes the backbone).
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
@@ -47,14 +47,20 @@ pub(crate) struct DefendArgs {
     /// OUT-STEM.seedK.safetensors, and report their mean and spread (OUT-STEM.seeds.json).
     #[arg(long, default_value_t = 1)]
     pub(crate) seeds: usize,
-    /// The defence: `sfr`, FRUs at conv sites (the paper), or `prn`, a PRN-style rectifier in
-    /// front of the network (a rival trained the same way; --sites, --fraction, --width and
-    /// --selection do not apply to it).
+    /// The defence: `sfr`, FRUs at conv sites (the paper); `prn`, a PRN-style rectifier in
+    /// front of the network; or `uat`, universal adversarial training of the backbone's conv
+    /// weights (BN frozen) against a perturbation updated by sign steps between mini-batches.
+    /// The rivals train in the same loop; --fraction, --width and --selection do not apply to
+    /// them, and --sites names the convs UAT tunes (default: all).
     #[arg(long, value_enum, default_value_t = Method::Sfr)]
     pub(crate) method: Method,
     /// `--method prn`: the rectifier's width (inner channels).
     #[arg(long, default_value_t = sfr::defense::PRN_WIDTH)]
     pub(crate) prn_width: usize,
+    /// `--method uat`: the sign step (0–255 scale) of its perturbation after each mini-batch
+    /// (default 0.1; the perturbation starts as the first --uap and stays in its ℓ∞ ball).
+    #[arg(long)]
+    pub(crate) uat_step: Option<f64>,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -150,10 +156,18 @@ pub(crate) fn defend_run(
     a: DefendArgs,
     quiet: bool,
 ) -> Result<(Defense, Vec<sfr::defense::train::Validation>, usize, f64)> {
+    if a.uat_step.is_some() && a.method != Method::Uat {
+        bail!("--uat-step sets universal adversarial training; it needs --method uat");
+    }
+    let uat = a.method == Method::Uat;
     let cfg = sfr::defense::train::TrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(if uat {
+            sfr::defense::train::UAT_LR
+        } else {
+            1e-3
+        }),
         synthetic: !a.no_synthetic,
         pseudo_labels: a.pseudo_labels,
         loss: a.loss,
@@ -164,9 +178,10 @@ pub(crate) fn defend_run(
         clean_weight: a.clean_weight,
         seed: a.seed,
         clip: !a.no_clip,
+        uat_step: uat.then(|| a.uat_step.unwrap_or(sfr::defense::train::UAT_STEP)),
     };
     cfg.validate()?;
-    if a.method == Method::Prn {
+    if a.method != Method::Sfr {
         let d = PlanOptions::default();
         let fru_only = [
             ("--fraction", a.fraction != d.fraction),
@@ -174,8 +189,14 @@ pub(crate) fn defend_run(
             ("--selection", a.selection != d.selection),
         ];
         if let Some((flag, _)) = fru_only.iter().find(|(_, given)| *given) {
-            bail!("{flag} sets the FRUs; it does not apply to --method prn (see --prn-width)");
+            bail!(
+                "{flag} sets the FRUs; it does not apply to --method {}",
+                a.method
+            );
         }
+    }
+    if a.method != Method::Prn && a.prn_width != sfr::defense::PRN_WIDTH {
+        bail!("--prn-width sets the rectifier; it needs --method prn");
     }
     let model = load_model(&a.model, quiet)?;
     let size = model.spec().input_size;
