@@ -177,11 +177,9 @@ fn suite_reports_every_row_and_column() {
         assert!(out.join(f).is_file(), "{f} written");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(
-        md.contains(
-            "| attack | kind | budget | none | sfr | prn | uat | jpeg75 | median3 | bits4 |"
-        )
-    );
+    assert!(md.contains(
+        "| attack | kind | budget | none | sfr | prn | uat | jpeg75 | median3 | bits4 |"
+    ));
     let adaptive = sfr::perturbation::Perturbation::load(
         &out.join("attacks/adaptive_sgd_linf_10.safetensors"),
     )
