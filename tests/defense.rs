@@ -734,6 +734,18 @@ fn uat_tunes_the_backbone_trains_resumes_exactly_and_round_trips() {
         .try_into_vec::<f32>()
         .unwrap();
     assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
+    // A file that tunes a conv twice, or one the network lacks, is refused.
+    for (name, change, want) in [
+        ("twice", sites[0].clone(), "tuned twice"),
+        ("absent", "no.such.conv".to_string(), "not a conv"),
+    ] {
+        let mut bad = Defense::load(&path, &model, &dev).unwrap();
+        bad.meta.tuned[1] = change;
+        let p = dir.join(format!("{name}.safetensors"));
+        bad.save(&p).unwrap();
+        let err = Defense::load(&p, &model, &dev).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
     // --sites names the convs to tune; the site rule (an FRU placement) is refused.
     let one = PlanOptions {
         method: Method::Uat,

@@ -590,7 +590,13 @@ impl Defense {
                     "a universal-adversarial-training defence has no FRU sites",
                 ));
             }
-            for t in &self.meta.tuned {
+            for (i, t) in self.meta.tuned.iter().enumerate() {
+                if self.meta.tuned[..i].contains(t) {
+                    return Err(SfrError::param(
+                        "--defense",
+                        format!("conv `{t}` is tuned twice"),
+                    ));
+                }
                 if !sites.iter().any(|s| &s.name == t) {
                     return Err(SfrError::param(
                         "--defense",
