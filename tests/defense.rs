@@ -580,16 +580,7 @@ fn prn_rectifier_acts_on_the_input_trains_and_round_trips() {
     let mut e = Defense::load(&path, &model, &dev).unwrap();
     assert_eq!(e.meta.method, Method::Prn);
     assert!(common::max_abs_diff(&changed, &values(e.forward_pixels(&model, x.clone()))) < 1e-5);
-    let t = sfr::attack::Target::defended(&model, &e).unwrap();
-    let xa = x.clone().autodiff().require_grad();
-    let g = t.logits_grad(xa.clone()).max_dim(1).mean().backward();
-    let gx = xa
-        .grad(&g)
-        .unwrap()
-        .into_data()
-        .try_into_vec::<f32>()
-        .unwrap();
-    assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
+    assert_gradient_reaches_the_input(&model, &e, &x);
     // --sites makes no sense for it.
     let bad = PlanOptions {
         method: Method::Prn,
@@ -724,16 +715,7 @@ fn uat_tunes_the_backbone_trains_resumes_exactly_and_round_trips() {
     let mut e = Defense::load(&path, &model, &dev).unwrap();
     assert_eq!(e.meta.method, Method::Uat);
     assert!(common::max_abs_diff(&changed, &values(e.forward_pixels(&model, x.clone()))) < 1e-5);
-    let t = sfr::attack::Target::defended(&model, &e).unwrap();
-    let xa = x.clone().autodiff().require_grad();
-    let g = t.logits_grad(xa.clone()).max_dim(1).mean().backward();
-    let gx = xa
-        .grad(&g)
-        .unwrap()
-        .into_data()
-        .try_into_vec::<f32>()
-        .unwrap();
-    assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
+    assert_gradient_reaches_the_input(&model, &e, &x);
     // A file that tunes a conv twice, or one the network lacks, is refused.
     for (name, change, want) in [
         ("twice", sites[0].clone(), "tuned twice"),
@@ -843,6 +825,20 @@ fn uat_tunes_the_backbone_trains_resumes_exactly_and_round_trips() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The adaptive attack's gradient reaches the input through `defense`: finite, not all zero.
+fn assert_gradient_reaches_the_input(model: &zoo::Model, defense: &Defense, x: &Tensor<4>) {
+    let t = sfr::attack::Target::defended(model, defense).unwrap();
+    let xa = x.clone().autodiff().require_grad();
+    let g = t.logits_grad(xa.clone()).max_dim(1).mean().backward();
+    let gx = xa
+        .grad(&g)
+        .unwrap()
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert!(gx.iter().all(|v| v.is_finite()) && gx.iter().any(|v| *v != 0.0));
 }
 
 fn values4(t: Tensor<4>) -> Vec<f32> {

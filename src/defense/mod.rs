@@ -469,13 +469,7 @@ impl Defense {
                         format!("`{t}` is not a site of `{}`", model.spec().name),
                     )
                 })?;
-                let shape = [
-                    s.out_channels,
-                    s.in_channels / s.groups,
-                    s.kernel[0],
-                    s.kernel[1],
-                ];
-                Ok(Param::from_tensor(Tensor::zeros(shape, device)))
+                Ok(Param::from_tensor(Tensor::zeros(s.weight_shape(), device)))
             })
             .collect::<Result<Vec<_>>>()?;
         let meta = DefenseMeta {
@@ -897,12 +891,7 @@ impl Defense {
                     format!("{}: `{t}` is not a conv of the network", path.display()),
                 )
             })?;
-            let shape = [
-                s.out_channels,
-                s.in_channels / s.groups,
-                s.kernel[0],
-                s.kernel[1],
-            ];
+            let shape = s.weight_shape();
             let v = take(format!("uat.delta.{t}"), shape.to_vec())?;
             deltas.push(Param::from_tensor(Tensor::from_data(
                 TensorData::new(v, shape),

@@ -136,6 +136,18 @@ pub struct SiteInfo {
     pub groups: usize,
 }
 
+impl SiteInfo {
+    /// The shape of the conv's weight: `[out, in / groups, kh, kw]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [
+            self.out_channels,
+            self.in_channels / self.groups,
+            self.kernel[0],
+            self.kernel[1],
+        ]
+    }
+}
+
 /// A network body: normalised NCHW input in, logits out, with taps at every conv output.
 pub trait Network: Send + Sync {
     /// Logits `[batch, 1000]` for normalised input `[batch, 3, h, w]`.
