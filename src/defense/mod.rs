@@ -280,6 +280,27 @@ pub struct DefenseMeta {
     pub sfr_version: String,
 }
 
+impl DefenseMeta {
+    /// The metadata of a fresh `method` defence for `model`: no sites, nothing tuned, ranked
+    /// selection, fraction 0, no training yet; each kind fills in what it places.
+    fn untrained(method: Method, model: &Model) -> Self {
+        DefenseMeta {
+            method,
+            model: model.spec().name.to_string(),
+            backbone: backbone_fingerprint(model),
+            sites: Vec::new(),
+            channels: Vec::new(),
+            regen: Vec::new(),
+            width: Vec::new(),
+            selection: Selection::Ranked,
+            tuned: Vec::new(),
+            fraction: 0.0,
+            training: serde_json::Value::Null,
+            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
 /// A trained (or untrained) defence for one backbone.
 #[derive(Debug, Clone)]
 pub struct Defense {
@@ -355,18 +376,9 @@ impl Defense {
         burn::tensor::Device::seed(device, opts.seed);
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(opts.seed);
         let mut meta = DefenseMeta {
-            method: Method::Sfr,
-            model: model.spec().name.to_string(),
-            backbone: backbone_fingerprint(model),
-            sites: Vec::new(),
-            channels: Vec::new(),
-            regen: Vec::new(),
-            width: Vec::new(),
             selection: opts.selection,
-            tuned: Vec::new(),
             fraction: opts.fraction,
-            training: serde_json::Value::Null,
-            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..DefenseMeta::untrained(Method::Sfr, model)
         };
         let mut units = Vec::new();
         for s in &ordered {
@@ -420,18 +432,12 @@ impl Defense {
         burn::tensor::Device::seed(device, opts.seed);
         let d = opts.prn_width;
         let meta = DefenseMeta {
-            method: Method::Prn,
-            model: model.spec().name.to_string(),
-            backbone: backbone_fingerprint(model),
             sites: vec![fru::INPUT_SITE.to_string()],
             channels: vec![3],
             regen: vec![vec![0, 1, 2]],
             width: vec![d],
-            selection: Selection::Ranked,
-            tuned: Vec::new(),
             fraction: 1.0,
-            training: serde_json::Value::Null,
-            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..DefenseMeta::untrained(Method::Prn, model)
         };
         Ok(Defense {
             meta,
@@ -473,18 +479,8 @@ impl Defense {
             })
             .collect::<Result<Vec<_>>>()?;
         let meta = DefenseMeta {
-            method: Method::Uat,
-            model: model.spec().name.to_string(),
-            backbone: backbone_fingerprint(model),
-            sites: Vec::new(),
-            channels: Vec::new(),
-            regen: Vec::new(),
-            width: Vec::new(),
-            selection: Selection::Ranked,
             tuned,
-            fraction: 0.0,
-            training: serde_json::Value::Null,
-            sfr_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..DefenseMeta::untrained(Method::Uat, model)
         };
         Ok(Defense {
             meta,
