@@ -206,10 +206,12 @@ fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
             "--uap",
             uap.to_str().unwrap(),
             "--epochs",
-            "1",
+            "2",
             "--val",
             "4",
         ])
+        .args(["--loss", "distill", "--gate", "--sites"])
+        .args(["features.0.0,features.1.conv.1"])
         .args([
             "--batch-size",
             "8",
@@ -282,6 +284,27 @@ fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
             .contains("round0_adaptive.safetensors")
     );
     let retrained = out.join("round1_defense.safetensors");
+    // The retraining remakes the given defence's kind and recipe (gated units at its two
+    // sites, the distillation loss), but for what --defend-arg sets (one epoch, not two).
+    let line = rounds[0]["retrain_command"].as_str().unwrap();
+    for want in [
+        "--gate",
+        "--loss distill",
+        "--sites features.0.0,features.1.conv.1",
+        "--epochs=1",
+    ] {
+        assert!(line.contains(want), "{want} in {line}");
+    }
+    assert!(!line.contains("--epochs 2"), "{line}");
+    let model = sfr::zoo::load(
+        "mobilenet_v2",
+        &common::fetched("mobilenet_v2"),
+        &sfr::device::default_device(),
+    )
+    .unwrap();
+    let d1 = sfr::defense::Defense::load(&retrained, &model, model.device()).unwrap();
+    assert!(d1.meta.gated && d1.meta.sites.len() == 2);
+    assert_eq!(d1.meta.training["config"]["loss"], "distill");
     let a1 = out.join("round1_adaptive.safetensors");
     let p = Perturbation::load(&a1).unwrap();
     assert!(

@@ -828,6 +828,109 @@ fn uat_tunes_the_backbone_trains_resumes_exactly_and_round_trips() {
 }
 
 /// The adaptive attack's gradient reaches the input through `defense`: finite, not all zero.
+/// `--gate`: each unit's change scaled by a per-image switch in (0, 1). Shut, the defended
+/// network is the backbone; open, it is the ungated defence; the switch is trained with the
+/// units, survives a round trip, passes the adaptive attack's gradient, and a gated file that
+/// lacks a gate is refused.
+#[test]
+fn gated_units_switch_between_the_backbone_and_the_ungated_defence() {
+    let model = mobilenet();
+    let dev = model.device().clone();
+    let x = pixels(&model);
+    let base = values(model.forward_pixels(x.clone(), &mut NoTap));
+    let gated = PlanOptions {
+        gate: true,
+        ..Default::default()
+    };
+    let mut d = Defense::plant(&model, &gated, &dev).unwrap();
+    assert!(d.meta.gated && d.summary().ends_with(", gated"));
+    assert_eq!(d.frus.gates.len(), d.meta.sites.len());
+    assert!(common::max_abs_diff(&base, &values(d.forward_pixels(&model, x.clone()))) < 1e-4);
+    let mut plain = Defense::plant(&model, &PlanOptions::default(), &dev).unwrap();
+    for e in [&mut d, &mut plain] {
+        let w4 = e.frus.units[0].w4.val();
+        e.frus.units[0].w4 = burn::module::Param::from_tensor(w4.ones_like().mul_scalar(0.01));
+    }
+    let ungated = values(plain.forward_pixels(&model, x.clone()));
+    assert!(common::max_abs_diff(&base, &ungated) > 1e-3);
+    let set_bias = |d: &mut Defense, b: f32| {
+        let c = d.meta.channels[0];
+        let mut g = vec![0.0f32; c + 1];
+        g[c] = b;
+        d.frus.gates[0] =
+            burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(g, [c + 1]), &dev));
+    };
+    set_bias(&mut d, -10.0);
+    assert!(common::max_abs_diff(&base, &values(d.forward_pixels(&model, x.clone()))) < 1e-4);
+    set_bias(&mut d, 10.0);
+    assert!(common::max_abs_diff(&ungated, &values(d.forward_pixels(&model, x.clone()))) < 1e-4);
+    // Half open: between the two, on every logit within their span.
+    set_bias(&mut d, 0.0);
+    let half = values(d.forward_pixels(&model, x.clone()));
+    assert!(
+        common::max_abs_diff(&base, &half) > 1e-4 && common::max_abs_diff(&ungated, &half) > 1e-4
+    );
+
+    let dir = common::scratch("gate");
+    let path = dir.join("gated.safetensors");
+    d.save(&path).unwrap();
+    let mut e = Defense::load(&path, &model, &dev).unwrap();
+    assert!(e.meta.gated);
+    assert!(common::max_abs_diff(&half, &values(e.forward_pixels(&model, x.clone()))) < 1e-5);
+    assert_gradient_reaches_the_input(&model, &e, &x);
+    // The same file without the first gate is refused, naming the tensor.
+    let mut map = sfr::weights::load(&path).unwrap();
+    map.remove("fru.0.gate");
+    let md = sfr::weights::read_safetensors_metadata(&path).unwrap();
+    let cut = dir.join("cut.safetensors");
+    sfr::weights::save_safetensors(&map, &md, &cut).unwrap();
+    let err = Defense::load(&cut, &model, &dev).unwrap_err().to_string();
+    assert!(err.contains("fru.0.gate"), "{err}");
+    // Not for universal adversarial training, which has no units.
+    let uat = PlanOptions {
+        gate: true,
+        method: Method::Uat,
+        ..Default::default()
+    };
+    let err = Defense::plant(&model, &uat, &dev).unwrap_err().to_string();
+    assert!(err.contains("--gate"), "{err}");
+
+    // `sfr defend --gate` trains the switches with the units.
+    let (data, uap) = common::foolbox_and_random_uap(&dir);
+    let out = dir.join("trained.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
+        .args([
+            "defend", "--quiet", "--json", "--gate", "--epochs", "2", "--val", "4",
+        ])
+        .args(["--batch-size", "4"])
+        .args(["--sites", "features.0.0,features.1.conv.1", "--data"])
+        .arg(&data)
+        .arg("--uap")
+        .arg(&uap)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Each epoch's validation says how far each unit's switch opened, clean and perturbed.
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["gate_clean", "gate_perturbed"] {
+        let g = j["training"]["validation"][1][key].as_array().unwrap();
+        assert_eq!(g.len(), 2, "{key}");
+        assert!(
+            g.iter()
+                .all(|v| v.as_f64().is_some_and(|v| v > 0.0 && v < 1.0)),
+            "{key}"
+        );
+    }
+    let trained = Defense::load(&out, &model, &dev).unwrap();
+    assert!(trained.meta.gated);
+    for g in &trained.frus.gates {
+        let v = g.val().into_data().try_into_vec::<f32>().unwrap();
+        assert!(v.iter().any(|x| *x != 0.0), "training moved every switch");
+    }
+}
+
 fn assert_gradient_reaches_the_input(model: &zoo::Model, defense: &Defense, x: &Tensor<4>) {
     let t = sfr::attack::Target::defended(model, defense).unwrap();
     let xa = x.clone().autodiff().require_grad();

@@ -231,7 +231,7 @@ fn fru_weight_gradients_match_pytorch() {
     };
     let set = FruSet {
         units: vec![fru],
-        deltas: Vec::new(),
+        ..Default::default()
     };
     let placements = vec![Placement {
         site: "features.0.0".into(),

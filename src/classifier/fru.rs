@@ -52,6 +52,9 @@ pub struct Fru {
 pub struct FruSet {
     /// One unit per site.
     pub units: Vec<Fru>,
+    /// Gated units (`sfr defend --gate`): per unit, `[C + 1]` values — a weight per channel
+    /// of the site and a bias — of the per-image switch [`gate`]. Empty: ungated (the paper).
+    pub gates: Vec<Param<Tensor<1>>>,
     /// One weight change `[out, in / groups, kh, kw]` per tuned conv, in the order of the
     /// [`Regenerate::tuned`] sites: the conv runs with its weight plus this (zero at the start).
     pub deltas: Vec<Param<Tensor<4>>>,
@@ -108,13 +111,24 @@ impl Fru {
         vars: &mut [Vec<f32>; 3],
         training: bool,
     ) -> Tensor<4> {
+        x.clone() + self.residual(x, stats, vars, training)
+    }
+
+    /// `F(x)`, the correction the unit adds (see [`Fru::forward`]).
+    pub fn residual(
+        &self,
+        x: Tensor<4>,
+        stats: &mut [Vec<f32>; 3],
+        vars: &mut [Vec<f32>; 3],
+        training: bool,
+    ) -> Tensor<4> {
         let conv = |x: Tensor<4>, w: Tensor<4>, pad: usize| conv2d_trainable(x, w, 1, pad, 1);
         let layers = [
             (self.w1.val(), self.g1.val(), self.b1.val(), 0),
             (self.w2.val(), self.g2.val(), self.b2.val(), 1),
             (self.w3.val(), self.g3.val(), self.b3.val(), 1),
         ];
-        let mut h = x.clone();
+        let mut h = x;
         for (i, (w, g, b, pad)) in layers.into_iter().enumerate() {
             let y = conv(h, w, pad);
             h = if training {
@@ -154,8 +168,38 @@ impl Fru {
                 burn::tensor::activation::relu(batch_norm(y, g, b, mean, var, BN_EPS))
             };
         }
-        x + conv(h, self.w4.val(), 0)
+        conv(h, self.w4.val(), 0)
     }
+}
+
+/// Multiplies the gate's logit, so that Adam's steps (about the learning rate in size, whatever
+/// the gradient's scale) move the switch within a few hundred mini-batches.
+pub const GATE_GAIN: f64 = 4.0;
+
+/// The per-image switch of a gated unit, in (0, 1), shape `[B, 1, 1, 1]`: a logistic function
+/// of the site's log channel energies `ln(mean_hw x_c² + ε)`, centred per image (so that an
+/// image's overall contrast cancels), weighted by `g[..C]`, plus the bias `g[C]`, times
+/// [`GATE_GAIN`]. The zero gate is ½. A universal perturbation raises the energy of the
+/// filters it excites, the ℓ1-ranked ones most (the paper's premise), so the switch can learn to
+/// open on perturbed images and stay shut on clean ones, where a unit's change can only cost.
+pub fn gate(x: Tensor<4>, g: Tensor<1>) -> Tensor<4> {
+    let [b, c, _, _] = x.dims();
+    let g = match (x.is_autodiff(), g.is_autodiff()) {
+        (true, false) => g.autodiff(),
+        _ => g,
+    };
+    let e = x
+        .powi_scalar(2)
+        .mean_dim(3)
+        .mean_dim(2)
+        .reshape([b, c])
+        .add_scalar(1e-6)
+        .log();
+    let e = e.clone() - e.mean_dim(1);
+    let w = g.clone().narrow(0, 0, c).reshape([c, 1]);
+    let bias = g.narrow(0, c, 1).reshape([1, 1]);
+    let logit = (e.matmul(w) + bias).mul_scalar(GATE_GAIN);
+    burn::tensor::activation::sigmoid(logit).reshape([b, 1, 1, 1])
 }
 
 impl BnStats {
@@ -256,9 +300,52 @@ impl Tap for Regenerate<'_> {
         let regen = Arc::new(p.regen.clone());
         let top = gather_channels(x.clone(), &regen);
         let (m, v) = (&mut self.stats.mean[i], &mut self.stats.var[i]);
-        let y = self.frus.units[i].forward(top, m, v, self.training);
+        let y = match self.frus.gates.get(i) {
+            Some(g) => {
+                let r = self.frus.units[i].residual(top.clone(), m, v, self.training);
+                top + r * gate(x.clone(), g.val())
+            }
+            None => self.frus.units[i].forward(top, m, v, self.training),
+        };
         self.visited += 1;
         replace_channels(x, y, &regen)
+    }
+
+    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
+        if self.wants(INPUT_SITE) {
+            self.visit(INPUT_SITE, x)
+        } else {
+            x
+        }
+    }
+}
+
+/// A [`Regenerate`] that also records each gated unit's switch ([`gate`]) per image: for
+/// reporting how far the gates open on clean and on perturbed images.
+pub struct GateProbe<'t, 'a> {
+    /// The tap that regenerates.
+    pub inner: &'t mut Regenerate<'a>,
+    /// Per unit (in placement order), the switch of every image of the last pass; empty for an
+    /// ungated unit.
+    pub open: Vec<Vec<f32>>,
+}
+
+impl Tap for GateProbe<'_, '_> {
+    fn wants(&self, site: &str) -> bool {
+        self.inner.wants(site)
+    }
+
+    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
+        if let Some(i) = self.inner.placements.iter().position(|p| p.site == site)
+            && let Some(g) = self.inner.frus.gates.get(i)
+        {
+            if self.open.len() <= i {
+                self.open.resize(i + 1, Vec::new());
+            }
+            let v = gate(x.clone().detach(), g.val().detach());
+            self.open[i] = v.into_data().try_into_vec::<f32>().unwrap_or_default();
+        }
+        self.inner.visit(site, x)
     }
 
     fn input(&mut self, x: Tensor<4>) -> Tensor<4> {

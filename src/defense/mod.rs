@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 /// The FRU units and their tap (they live in the classifier layer, which plants them).
 pub use crate::classifier::fru;
-use crate::classifier::fru::{BnStats, Fru, FruSet, Placement, Regenerate};
+use crate::classifier::fru::{BnStats, Fru, FruSet, GateProbe, Placement, Regenerate};
 use crate::classifier::{Plant, Planted};
 use crate::error::{Result, SfrError};
 use crate::weights::{self, RawTensor, TensorMap};
@@ -272,6 +272,10 @@ pub struct DefenseMeta {
     /// in forward order. Absent for FRU defences.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tuned: Vec<String>,
+    /// Each unit's change is scaled by a learned per-image switch ([`fru::gate`]; `sfr defend
+    /// --gate`, beyond the paper). Absent means ungated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gated: bool,
     /// Fraction of channels regenerated.
     pub fraction: f64,
     /// Training configuration and what was measured while training.
@@ -294,6 +298,7 @@ impl DefenseMeta {
             width: Vec::new(),
             selection: Selection::Ranked,
             tuned: Vec::new(),
+            gated: false,
             fraction: 0.0,
             training: serde_json::Value::Null,
             sfr_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -333,6 +338,8 @@ pub struct PlanOptions {
     pub method: Method,
     /// The rectifier's width D ([`Method::Prn`]; the FRU options do not apply to it).
     pub prn_width: usize,
+    /// Gate each unit by a learned per-image switch ([`fru::gate`]; SFR and PRN).
+    pub gate: bool,
 }
 
 impl Default for PlanOptions {
@@ -345,6 +352,7 @@ impl Default for PlanOptions {
             width_ratio: 1.0,
             selection: Selection::Ranked,
             seed: 0,
+            gate: false,
         }
     }
 }
@@ -403,15 +411,19 @@ impl Defense {
             meta.width.push(d);
         }
         let stats = BnStats::new(&meta.width);
-        Ok(Defense {
+        let mut d = Defense {
             meta,
             frus: FruSet {
                 units,
-                deltas: Vec::new(),
+                ..Default::default()
             },
             stats,
             uat_perturbation: Vec::new(),
-        })
+        };
+        if opts.gate {
+            d.add_gates(device);
+        }
+        Ok(d)
     }
 
     /// A fresh (identity) PRN-style rectifier in front of `model`: one unit at
@@ -439,21 +451,31 @@ impl Defense {
             fraction: 1.0,
             ..DefenseMeta::untrained(Method::Prn, model)
         };
-        Ok(Defense {
+        let mut d = Defense {
             meta,
             frus: FruSet {
                 units: vec![Fru::new(3, d, device)],
-                deltas: Vec::new(),
+                ..Default::default()
             },
             stats: BnStats::new(&[d]),
             uat_perturbation: Vec::new(),
-        })
+        };
+        if opts.gate {
+            d.add_gates(device);
+        }
+        Ok(d)
     }
 
     /// Universal adversarial training's starting point: every conv of `model` (or the
     /// `--sites` named) tuned, each weight change zero, so that the untrained defence is the
     /// backbone itself.
     fn plant_uat(model: &Model, opts: &PlanOptions, device: &Device) -> Result<Self> {
+        if opts.gate {
+            return Err(SfrError::param(
+                "--gate",
+                "universal adversarial training has no units to gate",
+            ));
+        }
         let sites = model.sites();
         let tuned = if opts.sites.is_empty() {
             sites.iter().map(|s| s.name.clone()).collect()
@@ -485,17 +507,37 @@ impl Defense {
         Ok(Defense {
             meta,
             frus: FruSet {
-                units: Vec::new(),
                 deltas,
+                ..Default::default()
             },
             stats: BnStats::new(&[]),
             uat_perturbation: Vec::new(),
         })
     }
 
+    /// Gates every unit, each gate at zero (a switch of ½ on every image).
+    fn add_gates(&mut self, device: &Device) {
+        self.meta.gated = true;
+        self.frus.gates = self
+            .meta
+            .channels
+            .iter()
+            .map(|&c| Param::from_tensor(Tensor::zeros([c + 1], device)))
+            .collect();
+    }
+
     /// What the defence is, in a few words: `3 FRUs at a, b, c` or `a PRN-style rectifier: one
     /// residual unit on the input, width 16`.
     pub fn summary(&self) -> String {
+        let s = self.summary_ungated();
+        if self.meta.gated {
+            format!("{s}, gated")
+        } else {
+            s
+        }
+    }
+
+    fn summary_ungated(&self) -> String {
         match self.meta.method {
             Method::Sfr => format!(
                 "{} FRUs at {}",
@@ -661,6 +703,30 @@ impl Defense {
         Ok(())
     }
 
+    /// [`Defense::forward_pixels`], and per gated unit each image's switch in (0, 1) (empty
+    /// for an ungated defence).
+    pub fn forward_pixels_gates(
+        &mut self,
+        model: &Model,
+        pixels: Tensor<4>,
+    ) -> (Tensor<2>, Vec<Vec<f32>>) {
+        let placements = self.placements();
+        let mut tap = Regenerate {
+            frus: &self.frus,
+            placements: &placements,
+            stats: &mut self.stats,
+            training: false,
+            visited: 0,
+            tuned: &self.meta.tuned,
+        };
+        let mut probe = GateProbe {
+            inner: &mut tap,
+            open: Vec::new(),
+        };
+        let logits = model.forward_pixels(pixels, &mut probe);
+        (logits, probe.open)
+    }
+
     /// Logits of the defended network for RGB pixels on the 0–255 scale (inference mode).
     pub fn forward_pixels(&mut self, model: &Model, pixels: Tensor<4>) -> Tensor<2> {
         let placements = self.placements();
@@ -722,6 +788,9 @@ impl Defense {
                 );
             }
         }
+        for (i, g) in self.frus.gates.iter().enumerate() {
+            put(&mut map, format!("fru.{i}.gate"), g.val())?;
+        }
         for (t, d) in self.meta.tuned.iter().zip(&self.frus.deltas) {
             put(&mut map, format!("uat.delta.{t}"), d.val())?;
         }
@@ -781,15 +850,28 @@ impl Defense {
             stats: no_stats(),
             uat_perturbation: Vec::new(),
         };
-        if meta.width.len() != meta.regen.len() || meta.sites.len() != meta.regen.len() {
+        if meta.width.len() != meta.regen.len()
+            || meta.sites.len() != meta.regen.len()
+            || meta.channels.len() != meta.regen.len()
+        {
             return Err(SfrError::param(
                 "--defense",
                 format!(
-                    "{}: metadata lists {} sites, {} channel sets and {} widths",
+                    "{}: metadata lists {} sites, {} channel counts, {} channel sets and {} widths",
                     path.display(),
                     meta.sites.len(),
+                    meta.channels.len(),
                     meta.regen.len(),
                     meta.width.len()
+                ),
+            ));
+        }
+        if meta.gated && meta.method == Method::Uat {
+            return Err(SfrError::param(
+                "--defense",
+                format!(
+                    "{}: a universal-adversarial-training defence has no units to gate",
+                    path.display()
                 ),
             ));
         }
@@ -878,6 +960,16 @@ impl Defense {
                 w4,
             });
         }
+        let mut gates = Vec::new();
+        if meta.gated {
+            for (i, &c) in meta.channels.iter().enumerate() {
+                let v = take(format!("fru.{i}.gate"), vec![c + 1])?;
+                gates.push(Param::from_tensor(Tensor::from_data(
+                    TensorData::new(v, [c + 1]),
+                    device,
+                )));
+            }
+        }
         let sites = model.sites();
         let mut deltas = Vec::new();
         for t in &meta.tuned {
@@ -902,7 +994,11 @@ impl Defense {
         };
         Ok(Defense {
             meta,
-            frus: FruSet { units, deltas },
+            frus: FruSet {
+                units,
+                gates,
+                deltas,
+            },
             stats,
             uat_perturbation,
         })
@@ -935,6 +1031,9 @@ impl Plant for Defense {
         if !self.meta.tuned.is_empty() {
             v["tuned"] = serde_json::json!(self.meta.tuned.len());
         }
+        if self.meta.gated {
+            v["gated"] = serde_json::json!(true);
+        }
         v
     }
 }
@@ -954,6 +1053,7 @@ mod tests {
             width: vec![2],
             selection: Selection::Ranked,
             tuned: Vec::new(),
+            gated: false,
             fraction: 0.5,
             training: serde_json::Value::Null,
             sfr_version: "0".into(),

@@ -243,7 +243,7 @@ pub struct TrainProgress {
 }
 
 /// Validation: restoration accuracy of the defence on `val` with the real perturbations.
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Validation {
     /// Undefended clean top-1.
     pub baseline_clean_top1: f64,
@@ -253,6 +253,12 @@ pub struct Validation {
     pub defended_perturbed_top1: f64,
     /// Restoration accuracy.
     pub restoration_accuracy: f64,
+    /// A gated defence (`--gate`): per unit, the mean switch on the clean images.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gate_clean: Option<Vec<f64>>,
+    /// A gated defence: per unit, the mean switch on the perturbed images.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gate_perturbed: Option<Vec<f64>>,
 }
 
 /// Measure the defence on `val`, each image perturbed by one of `uaps` in turn; for an
@@ -266,15 +272,24 @@ pub fn validate(
     bs: usize,
 ) -> Result<Validation> {
     let (mut n, mut base, mut dc, mut dp) = (0usize, 0usize, 0usize, 0usize);
+    let (mut gate_clean, mut gate_pert) = (Vec::<f64>::new(), Vec::<f64>::new());
     let stack: Vec<Tensor<4>> = uaps.iter().map(|p| p.to_tensor(model.device())).collect();
     for (ci, chunk) in val.samples.chunks(bs).enumerate() {
         let (batch, _) = load_batch(model, chunk, false)?;
         let Some(b) = batch else { continue };
         let v = stack[ci % stack.len()].clone();
         let clean = logits_rows(model.forward_pixels(b.pixels.clone(), &mut NoTap))?;
-        let dclean = logits_rows(defense.forward_pixels(model, b.pixels.clone()))?;
-        let dpert =
-            logits_rows(defense.forward_pixels(model, perturbation::apply(b.pixels, v, clip)))?;
+        let (dclean, gc) = defense.forward_pixels_gates(model, b.pixels.clone());
+        let dclean = logits_rows(dclean)?;
+        let (dpert, gp) =
+            defense.forward_pixels_gates(model, perturbation::apply(b.pixels, v, clip));
+        let dpert = logits_rows(dpert)?;
+        for (sum, open) in [(&mut gate_clean, gc), (&mut gate_pert, gp)] {
+            sum.resize(open.len(), 0.0);
+            for (s, o) in sum.iter_mut().zip(open) {
+                *s += o.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
         for (i, s) in b.samples.iter().enumerate() {
             // Unlabelled images (pseudo-label training): the clean prediction stands in.
             let l = s.label.unwrap_or_else(|| argmax(&clean[i]));
@@ -295,6 +310,10 @@ pub fn validate(
         defended_clean_top1: r(dc),
         defended_perturbed_top1: r(dp),
         restoration_accuracy: metrics::restoration_accuracy(r(dc), r(dp), r(base)),
+        gate_clean: (!gate_clean.is_empty())
+            .then(|| gate_clean.iter().map(|s| s / n as f64).collect()),
+        gate_perturbed: (!gate_pert.is_empty())
+            .then(|| gate_pert.iter().map(|s| s / n as f64).collect()),
     })
 }
 
@@ -590,6 +609,7 @@ pub fn train(
             )?)
         };
         frus = renumber(std::mem::take(&mut defense.frus).to_device(&adev).train());
+        let v_ra = v.as_ref().map(|v| v.restoration_accuracy);
         if let Some(v) = v {
             history.push(v);
         }
@@ -611,8 +631,8 @@ pub fn train(
             mean_loss: (batches > 0).then(|| loss_sum / batches as f64),
             val_restoration: history.last().map(|v| v.restoration_accuracy),
         });
-        let improved = cfg.keep_best
-            && v.is_some_and(|v| best.as_ref().is_none_or(|b| v.restoration_accuracy > b.1));
+        let improved =
+            cfg.keep_best && v_ra.is_some_and(|ra| best.as_ref().is_none_or(|b| ra > b.1));
         if checkpoint.is_some() || improved {
             defense.frus = frus.valid();
             if improved {

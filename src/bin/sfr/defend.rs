@@ -61,6 +61,10 @@ pub(crate) struct DefendArgs {
     /// (default 0.1; the perturbation starts as the first --uap and stays in its ℓ∞ ball).
     #[arg(long)]
     pub(crate) uat_step: Option<f64>,
+    /// Scale each unit's change by a learned per-image switch on the site's channel energies,
+    /// which can learn to leave clean images alone (beyond the paper; sfr and prn).
+    #[arg(long)]
+    pub(crate) gate: bool,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -145,6 +149,19 @@ pub(crate) fn defend_cmd(a: DefendArgs, quiet: bool) -> Result<()> {
                 v.defended_perturbed_top1,
                 v.restoration_accuracy
             );
+            if let (Some(c), Some(p)) = (&v.gate_clean, &v.gate_perturbed) {
+                let list = |g: &[f64]| {
+                    g.iter()
+                        .map(|x| format!("{x:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                println!(
+                    "mean gate per unit: clean {}, perturbed {}",
+                    list(c),
+                    list(p)
+                );
+            }
         }
     }
     Ok(())
@@ -244,6 +261,7 @@ pub(crate) fn defend_run(
             seed: a.seed,
             method: a.method,
             prn_width: a.prn_width,
+            gate: a.gate,
         };
         Defense::plant(&model, &opts, &device)?
     };

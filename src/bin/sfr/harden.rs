@@ -103,8 +103,19 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
     let model = load_model(&a.model, quiet)?;
     let size = model.spec().input_size;
     // The defence must fit the backbone before hours are spent on it.
-    Defense::load(&a.defense, &model, model.device())
+    let given = Defense::load(&a.defense, &model, model.device())
         .with_context(|| format!("reading the defence {}", a.defense.display()))?;
+    // Every retraining trains the same kind of defence with the same recipe as the given one,
+    // but for what --defend-arg sets.
+    let carried: Vec<String> = recipe_of(&given, &model)
+        .into_iter()
+        .filter(|(flag, _)| {
+            !a.defend_args
+                .iter()
+                .any(|u| u == flag || u.starts_with(&format!("{flag}=")))
+        })
+        .flat_map(|(flag, value)| std::iter::once(flag).chain(value))
+        .collect();
     let test = open_data(
         &a.test,
         &a.data.slice.classes,
@@ -244,6 +255,7 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
             for u in a.uaps.iter().chain(&adaptive) {
                 line.extend(["--uap".into(), s(u)]);
             }
+            line.extend(carried.iter().cloned());
             line.extend(a.defend_args.iter().cloned());
             let defend_line = format!("sfr defend {}", line.join(" "));
             if !next.is_file() {
@@ -280,4 +292,96 @@ pub(crate) fn harden_cmd(a: HardenArgs, quiet: bool) -> Result<()> {
         println!("wrote {}", report_path.display());
     }
     Ok(())
+}
+
+/// The `sfr defend` options that remake `d`: its kind and placement (method, sites or tuned
+/// convs, fraction, width, selection, gate) and, from the training configuration it records,
+/// its recipe (loss, epochs, batch, rate, schedule, …). Options at their defaults are left out.
+fn recipe_of(d: &Defense, model: &sfr::zoo::Model) -> Vec<(String, Option<String>)> {
+    use sfr::defense::{Method, PRN_WIDTH, PlanOptions, Selection};
+    let mut r: Vec<(String, Option<String>)> = Vec::new();
+    let mut put = |flag: &str, value: Option<String>| r.push((flag.to_string(), value));
+    let m = &d.meta;
+    let plan = PlanOptions::default();
+    if m.method != Method::Sfr {
+        put("--method", Some(m.method.to_string()));
+    }
+    match m.method {
+        Method::Sfr => {
+            put("--sites", Some(m.sites.join(",")));
+            if m.fraction != plan.fraction {
+                put("--fraction", Some(m.fraction.to_string()));
+            }
+            let ratios: Vec<f64> = m
+                .width
+                .iter()
+                .zip(&m.regen)
+                .map(|(&w, r)| w as f64 / r.len().max(1) as f64)
+                .collect();
+            if let Some(&q) = ratios.first()
+                && ratios.iter().all(|&x| (x - q).abs() < 1e-9)
+                && q != plan.width_ratio
+            {
+                put("--width", Some(q.to_string()));
+            }
+            if m.selection == Selection::Random {
+                put("--selection", Some("random".into()));
+            }
+        }
+        Method::Prn => {
+            if let Some(&w) = m.width.first()
+                && w != PRN_WIDTH
+            {
+                put("--prn-width", Some(w.to_string()));
+            }
+        }
+        Method::Uat => {
+            if m.tuned.len() != model.sites().len() {
+                put("--sites", Some(m.tuned.join(",")));
+            }
+        }
+    }
+    if m.gated {
+        put("--gate", None);
+    }
+    let c = &m.training["config"];
+    let text = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let num = |k: &str| c.get(k).and_then(|v| v.as_f64());
+    let yes = |k: &str| c.get(k).and_then(|v| v.as_bool());
+    let defaults = sfr::defense::train::TrainConfig::default();
+    if let Some(l) = text("loss").filter(|l| l != "ce") {
+        put("--loss", Some(l));
+    }
+    if let Some(s) = text("schedule").filter(|s| s != "constant") {
+        put("--schedule", Some(s));
+    }
+    for (flag, key, default) in [
+        ("--epochs", "epochs", defaults.epochs as f64),
+        ("--batch-size", "batch_size", defaults.batch_size as f64),
+        ("--clean-weight", "clean_weight", defaults.clean_weight),
+        ("--crop-scale", "crop_scale", defaults.crop_scale),
+    ] {
+        if let Some(v) = num(key).filter(|&v| v != default) {
+            put(flag, Some(v.to_string()));
+        }
+    }
+    // The rate's default depends on the method, so it is always carried.
+    if let Some(v) = num("lr") {
+        put("--lr", Some(v.to_string()));
+    }
+    if let Some(v) = num("uat_step") {
+        put("--uat-step", Some(v.to_string()));
+    }
+    for (flag, key, when) in [
+        ("--keep-best", "keep_best", true),
+        ("--pseudo-labels", "pseudo_labels", true),
+        ("--no-synthetic", "synthetic", false),
+        ("--no-augment", "augment", false),
+        ("--no-clip", "clip", false),
+    ] {
+        if yes(key) == Some(when) {
+            put(flag, None);
+        }
+    }
+    r
 }
