@@ -244,14 +244,7 @@ fn fru_weight_gradients_match_pytorch() {
         .autodiff();
     let d = regen.len();
     let mut stats = BnStats::new(&[d]);
-    let mut tap = Regenerate {
-        frus: &set,
-        placements: &placements,
-        stats: &mut stats,
-        training: true,
-        visited: 0,
-        tuned: &[],
-    };
+    let mut tap = Regenerate::new(&set, &placements, &mut stats, true, &[]);
     let logits = model.forward_normalized(x, &mut tap);
     assert_eq!(tap.visited, 1);
     let loss = burn::tensor::activation::log_softmax(logits, 1)

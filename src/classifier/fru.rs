@@ -176,13 +176,21 @@ impl Fru {
 /// the gradient's scale) move the switch within a few hundred mini-batches.
 pub const GATE_GAIN: f64 = 4.0;
 
-/// The per-image switch of a gated unit, in (0, 1), shape `[B, 1, 1, 1]`: a logistic function
-/// of the site's log channel energies `ln(mean_hw x_c² + ε)`, centred per image (so that an
-/// image's overall contrast cancels), weighted by `g[..C]`, plus the bias `g[C]`, times
-/// [`GATE_GAIN`]. The zero gate is ½. A universal perturbation raises the energy of the
-/// filters it excites, the ℓ1-ranked ones most (the paper's premise), so the switch can learn to
-/// open on perturbed images and stay shut on clean ones, where a unit's change can only cost.
+/// The per-image switch of a gated unit, in (0, 1), shape `[B, 1, 1, 1]`: the logistic
+/// function of [`gate_logit`].
 pub fn gate(x: Tensor<4>, g: Tensor<1>) -> Tensor<4> {
+    let b = x.dims()[0];
+    burn::tensor::activation::sigmoid(gate_logit(x, g)).reshape([b, 1, 1, 1])
+}
+
+/// The logit of a gated unit's per-image switch, shape `[B, 1]`: the site's log channel
+/// energies `ln(mean_hw x_c² + ε)`, centred per image (so that an image's overall contrast
+/// cancels), weighted by `g[..C]`, plus the bias `g[C]`, times [`GATE_GAIN`]. The zero gate
+/// gives ½. A universal perturbation raises the energy of the filters it excites, the
+/// ℓ1-ranked ones most (the paper's premise), so the switch can learn to open on perturbed
+/// images and stay shut on clean ones, where a unit's change can only cost; training
+/// supervises it as such a detector (`sfr defend --gate-loss`).
+pub fn gate_logit(x: Tensor<4>, g: Tensor<1>) -> Tensor<2> {
     let [b, c, _, _] = x.dims();
     let g = match (x.is_autodiff(), g.is_autodiff()) {
         (true, false) => g.autodiff(),
@@ -198,8 +206,14 @@ pub fn gate(x: Tensor<4>, g: Tensor<1>) -> Tensor<4> {
     let e = e.clone() - e.mean_dim(1);
     let w = g.clone().narrow(0, 0, c).reshape([c, 1]);
     let bias = g.narrow(0, c, 1).reshape([1, 1]);
-    let logit = (e.matmul(w) + bias).mul_scalar(GATE_GAIN);
-    burn::tensor::activation::sigmoid(logit).reshape([b, 1, 1, 1])
+    (e.matmul(w) + bias).mul_scalar(GATE_GAIN)
+}
+
+/// Binary cross-entropy of switch logits `z` (`[B, 1]`) against targets `t` (`[B, 1]`, 0 or
+/// 1), per image, in the stable form `max(z, 0) − t·z + ln(1 + e^−|z|)`.
+pub fn switch_bce(z: Tensor<2>, t: Tensor<2>) -> Tensor<2> {
+    let soft = z.clone().abs().neg().exp().add_scalar(1.0).log();
+    z.clone().clamp_min(0.0) - t * z + soft
 }
 
 impl BnStats {
@@ -267,6 +281,46 @@ pub struct Regenerate<'a> {
     pub visited: usize,
     /// The convs whose weights are tuned (`frus.deltas`, same order).
     pub tuned: &'a [String],
+    /// Per gated unit visited in the last pass (unit index, switch logits `[B, 1]`), in visit
+    /// order: for reporting how far the switches open and for supervising them.
+    pub switches: Vec<(usize, Tensor<2>)>,
+}
+
+impl<'a> Regenerate<'a> {
+    /// A tap for `frus` at `placements` (and the tuned convs), nothing visited yet.
+    pub fn new(
+        frus: &'a FruSet,
+        placements: &'a [Placement],
+        stats: &'a mut BnStats,
+        training: bool,
+        tuned: &'a [String],
+    ) -> Self {
+        Regenerate {
+            frus,
+            placements,
+            stats,
+            training,
+            visited: 0,
+            tuned,
+            switches: Vec::new(),
+        }
+    }
+
+    /// Per unit (placement order), each image's switch in (0, 1) from the last pass; empty for
+    /// an ungated unit.
+    pub fn open(&self) -> Result<Vec<Vec<f32>>, String> {
+        if self.switches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut open = vec![Vec::new(); self.placements.len()];
+        for (i, z) in &self.switches {
+            open[*i] = burn::tensor::activation::sigmoid(z.clone().detach())
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(open)
+    }
 }
 
 impl Tap for Regenerate<'_> {
@@ -303,49 +357,16 @@ impl Tap for Regenerate<'_> {
         let y = match self.frus.gates.get(i) {
             Some(g) => {
                 let r = self.frus.units[i].residual(top.clone(), m, v, self.training);
-                top + r * gate(x.clone(), g.val())
+                let z = gate_logit(x.clone(), g.val());
+                let b = z.dims()[0];
+                let open = burn::tensor::activation::sigmoid(z.clone()).reshape([b, 1, 1, 1]);
+                self.switches.push((i, z));
+                top + r * open
             }
             None => self.frus.units[i].forward(top, m, v, self.training),
         };
         self.visited += 1;
         replace_channels(x, y, &regen)
-    }
-
-    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
-        if self.wants(INPUT_SITE) {
-            self.visit(INPUT_SITE, x)
-        } else {
-            x
-        }
-    }
-}
-
-/// A [`Regenerate`] that also records each gated unit's switch ([`gate`]) per image: for
-/// reporting how far the gates open on clean and on perturbed images.
-pub struct GateProbe<'t, 'a> {
-    /// The tap that regenerates.
-    pub inner: &'t mut Regenerate<'a>,
-    /// Per unit (in placement order), the switch of every image of the last pass; empty for an
-    /// ungated unit.
-    pub open: Vec<Vec<f32>>,
-}
-
-impl Tap for GateProbe<'_, '_> {
-    fn wants(&self, site: &str) -> bool {
-        self.inner.wants(site)
-    }
-
-    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
-        if let Some(i) = self.inner.placements.iter().position(|p| p.site == site)
-            && let Some(g) = self.inner.frus.gates.get(i)
-        {
-            if self.open.len() <= i {
-                self.open.resize(i + 1, Vec::new());
-            }
-            let v = gate(x.clone().detach(), g.val().detach());
-            self.open[i] = v.into_data().try_into_vec::<f32>().unwrap_or_default();
-        }
-        self.inner.visit(site, x)
     }
 
     fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
@@ -387,5 +408,26 @@ mod tests {
         let a = x.into_data().try_into_vec::<f32>().unwrap();
         let b = y.into_data().try_into_vec::<f32>().unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn switch_bce_is_the_cross_entropy_of_the_logistic_and_stays_finite() {
+        let dev = crate::device::default_device();
+        let z = [-30.0f32, -2.0, 0.0, 0.5, 3.0, 40.0];
+        let t = [0.0f32, 1.0, 0.0, 1.0, 0.0, 1.0];
+        let zt = Tensor::<2>::from_data(TensorData::new(z.to_vec(), [6, 1]), &dev);
+        let tt = Tensor::<2>::from_data(TensorData::new(t.to_vec(), [6, 1]), &dev);
+        let got = switch_bce(zt, tt)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        for ((z, t), g) in z.iter().zip(t).zip(got) {
+            let p = 1.0 / (1.0 + (-(*z as f64)).exp());
+            let want = if t == 1.0 { -p.ln() } else { -(1.0 - p).ln() };
+            assert!(
+                (g as f64 - want).abs() < 1e-4 * want.max(1.0),
+                "z {z} t {t}: {g} vs {want}"
+            );
+        }
     }
 }

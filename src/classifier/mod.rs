@@ -203,14 +203,13 @@ impl<'a> Classifier<'a> {
             None => self.model.forward_pixels(pixels, &mut NoTap),
             Some(d) => {
                 let mut stats = d.stats.clone();
-                let mut tap = Regenerate {
-                    frus: if grad { &d.grad } else { &d.plain },
-                    placements: &d.placements,
-                    stats: &mut stats,
-                    training: false,
-                    visited: 0,
-                    tuned: &d.tuned,
-                };
+                let mut tap = Regenerate::new(
+                    if grad { &d.grad } else { &d.plain },
+                    &d.placements,
+                    &mut stats,
+                    false,
+                    &d.tuned,
+                );
                 if grad && d.straight_through {
                     self.model
                         .forward_pixels(pixels, &mut StraightThrough(&mut tap))

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 /// The FRU units and their tap (they live in the classifier layer, which plants them).
 pub use crate::classifier::fru;
-use crate::classifier::fru::{BnStats, Fru, FruSet, GateProbe, Placement, Regenerate};
+use crate::classifier::fru::{BnStats, Fru, FruSet, Placement, Regenerate};
 use crate::classifier::{Plant, Planted};
 use crate::error::{Result, SfrError};
 use crate::weights::{self, RawTensor, TensorMap};
@@ -709,35 +709,32 @@ impl Defense {
         &mut self,
         model: &Model,
         pixels: Tensor<4>,
-    ) -> (Tensor<2>, Vec<Vec<f32>>) {
+    ) -> Result<(Tensor<2>, Vec<Vec<f32>>)> {
         let placements = self.placements();
-        let mut tap = Regenerate {
-            frus: &self.frus,
-            placements: &placements,
-            stats: &mut self.stats,
-            training: false,
-            visited: 0,
-            tuned: &self.meta.tuned,
-        };
-        let mut probe = GateProbe {
-            inner: &mut tap,
-            open: Vec::new(),
-        };
-        let logits = model.forward_pixels(pixels, &mut probe);
-        (logits, probe.open)
+        let mut tap = Regenerate::new(
+            &self.frus,
+            &placements,
+            &mut self.stats,
+            false,
+            &self.meta.tuned,
+        );
+        let logits = model.forward_pixels(pixels, &mut tap);
+        let open = tap
+            .open()
+            .map_err(|e| SfrError::param("defense", format!("unreadable switches: {e}")))?;
+        Ok((logits, open))
     }
 
     /// Logits of the defended network for RGB pixels on the 0–255 scale (inference mode).
     pub fn forward_pixels(&mut self, model: &Model, pixels: Tensor<4>) -> Tensor<2> {
         let placements = self.placements();
-        let mut tap = Regenerate {
-            frus: &self.frus,
-            placements: &placements,
-            stats: &mut self.stats,
-            training: false,
-            visited: 0,
-            tuned: &self.meta.tuned,
-        };
+        let mut tap = Regenerate::new(
+            &self.frus,
+            &placements,
+            &mut self.stats,
+            false,
+            &self.meta.tuned,
+        );
         model.forward_pixels(pixels, &mut tap)
     }
 

@@ -106,7 +106,16 @@ pub struct TrainConfig {
     /// moves its perturbation after each mini-batch ([`UAT_STEP`] when unset).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub uat_step: Option<f64>,
+    /// A gated defence (`--gate`): weight of the switches' supervision in the loss, the mean
+    /// binary cross-entropy of every unit's switch against "shut" on the clean half and "open"
+    /// on the perturbed half of each mini-batch. Unset: the switches learn from the task loss
+    /// alone.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gate_loss: Option<f64>,
 }
+
+/// The weight of the switches' supervision that `sfr defend --gate` uses unless told.
+pub const GATE_LOSS: f64 = 1.0;
 
 /// The sign step of universal adversarial training's perturbation per mini-batch, on the
 /// 0–255 scale: a hundredth of the usual ℓ∞ budget of 10, so that the perturbation crosses the
@@ -135,6 +144,7 @@ impl Default for TrainConfig {
             seed: 0,
             clip: true,
             uat_step: None,
+            gate_loss: None,
         }
     }
 }
@@ -169,6 +179,14 @@ impl TrainConfig {
             return Err(SfrError::param(
                 "--uat-step",
                 format!("must be positive, got {step}"),
+            ));
+        }
+        if let Some(w) = self.gate_loss
+            && !(w >= 0.0 && w.is_finite())
+        {
+            return Err(SfrError::param(
+                "--gate-loss",
+                format!("must be zero or positive, got {w}"),
             ));
         }
         if !(self.crop_scale > 0.0 && self.crop_scale <= 1.0) {
@@ -279,10 +297,10 @@ pub fn validate(
         let Some(b) = batch else { continue };
         let v = stack[ci % stack.len()].clone();
         let clean = logits_rows(model.forward_pixels(b.pixels.clone(), &mut NoTap))?;
-        let (dclean, gc) = defense.forward_pixels_gates(model, b.pixels.clone());
+        let (dclean, gc) = defense.forward_pixels_gates(model, b.pixels.clone())?;
         let dclean = logits_rows(dclean)?;
         let (dpert, gp) =
-            defense.forward_pixels_gates(model, perturbation::apply(b.pixels, v, clip));
+            defense.forward_pixels_gates(model, perturbation::apply(b.pixels, v, clip))?;
         let dpert = logits_rows(dpert)?;
         for (sum, open) in [(&mut gate_clean, gc), (&mut gate_pert, gp)] {
             sum.resize(open.len(), 0.0);
@@ -514,14 +532,13 @@ pub fn train(
             } else {
                 (perturb_second_half(x, cfg, &synth, &set, &mut rng), None)
             };
-            let mut tap = Regenerate {
-                frus: &frus,
-                placements: &placements,
-                stats: &mut defense.stats,
-                training: true,
-                visited: 0,
-                tuned: &defense.meta.tuned,
-            };
+            let mut tap = Regenerate::new(
+                &frus,
+                &placements,
+                &mut defense.stats,
+                true,
+                &defense.meta.tuned,
+            );
             let logits = model.forward_pixels(xp, &mut tap);
             if tap.visited != placements.len() + defense.meta.tuned.len() {
                 return Err(SfrError::param(
@@ -550,7 +567,22 @@ pub fn train(
                 .collect();
             let total: f32 = w.iter().sum();
             let w = Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &adev);
-            let loss = (per_image * w).sum().div_scalar(total);
+            let mut loss = (per_image * w).sum().div_scalar(total);
+            if let Some(gw) = cfg.gate_loss.filter(|&gw| gw > 0.0)
+                && !tap.switches.is_empty()
+            {
+                // Supervised switches: shut (0) on the clean half, open (1) on the perturbed.
+                let t: Vec<f32> = (0..n).map(|i| if i < half { 0.0 } else { 1.0 }).collect();
+                let t = Tensor::<2>::from_data(TensorData::new(t, [n, 1]), &adev);
+                let units = tap.switches.len();
+                let bce = tap
+                    .switches
+                    .drain(..)
+                    .map(|(_, z)| super::fru::switch_bce(z, t.clone()).mean())
+                    .reduce(|a, b| a + b)
+                    .expect("at least one switch");
+                loss = loss + bce.div_scalar(units as f64).mul_scalar(gw);
+            }
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
                 return Err(SfrError::param(

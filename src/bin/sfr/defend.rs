@@ -65,6 +65,11 @@ pub(crate) struct DefendArgs {
     /// which can learn to leave clean images alone (beyond the paper; sfr and prn).
     #[arg(long)]
     pub(crate) gate: bool,
+    /// `--gate`: weight of the switches' supervision as detectors (binary cross-entropy against
+    /// shut on clean, open on perturbed images) beside the task loss; 0 lets them learn from the
+    /// task loss alone [default: 1].
+    #[arg(long)]
+    pub(crate) gate_loss: Option<f64>,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -176,6 +181,9 @@ pub(crate) fn defend_run(
     if a.uat_step.is_some() && a.method != Method::Uat {
         bail!("--uat-step sets universal adversarial training; it needs --method uat");
     }
+    if a.gate_loss.is_some() && !a.gate {
+        bail!("--gate-loss weighs the switches' supervision; it needs --gate");
+    }
     let uat = a.method == Method::Uat;
     let cfg = sfr::defense::train::TrainConfig {
         epochs: a.epochs,
@@ -196,6 +204,9 @@ pub(crate) fn defend_run(
         seed: a.seed,
         clip: !a.no_clip,
         uat_step: uat.then(|| a.uat_step.unwrap_or(sfr::defense::train::UAT_STEP)),
+        gate_loss: a
+            .gate
+            .then(|| a.gate_loss.unwrap_or(sfr::defense::train::GATE_LOSS)),
     };
     cfg.validate()?;
     if a.method != Method::Sfr {

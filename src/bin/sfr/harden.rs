@@ -372,6 +372,13 @@ fn recipe_of(d: &Defense, model: &sfr::zoo::Model) -> Vec<(String, Option<String
     if let Some(v) = num("uat_step") {
         put("--uat-step", Some(v.to_string()));
     }
+    if m.gated {
+        // A gated file without the weight predates the supervision: its switches were not.
+        put(
+            "--gate-loss",
+            Some(num("gate_loss").unwrap_or(0.0).to_string()),
+        );
+    }
     for (flag, key, when) in [
         ("--keep-best", "keep_best", true),
         ("--pseudo-labels", "pseudo_labels", true),
