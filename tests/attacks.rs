@@ -289,6 +289,7 @@ fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
     let line = rounds[0]["retrain_command"].as_str().unwrap();
     for want in [
         "--gate",
+        "--gate-loss 1",
         "--loss distill",
         "--sites features.0.0,features.1.conv.1",
         "--epochs=1",
@@ -305,6 +306,7 @@ fn harden_runs_rounds_of_adaptive_attack_and_retraining() {
     let d1 = sfr::defense::Defense::load(&retrained, &model, model.device()).unwrap();
     assert!(d1.meta.gated && d1.meta.sites.len() == 2);
     assert_eq!(d1.meta.training["config"]["loss"], "distill");
+    assert_eq!(d1.meta.training["config"]["gate_loss"], 1.0);
     let a1 = out.join("round1_adaptive.safetensors");
     let p = Perturbation::load(&a1).unwrap();
     assert!(
