@@ -897,25 +897,7 @@ fn gated_units_switch_between_the_backbone_and_the_ungated_defence() {
 
     // `sfr defend --gate` trains the switches with the units. A random-sign perturbation of
     // ξ = 60, plain enough for a detector to learn in eight steps.
-    let (data, _) = common::foolbox_and_random_uap(&dir);
-    let uap = dir.join("loud.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
-        .args([
-            "attack",
-            "random",
-            "--quiet",
-            "--eps",
-            "60",
-            "--holdout",
-            "2",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&uap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (data, uap) = common::random_uap(&dir, "loud.safetensors", 60.0);
     let out = dir.join("trained.safetensors");
     let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
         .args([

@@ -703,6 +703,19 @@ impl Defense {
         Ok(())
     }
 
+    /// Runs `f` with this defence's tap in inference mode.
+    fn with_tap<R>(&mut self, f: impl FnOnce(&mut Regenerate) -> R) -> R {
+        let placements = self.placements();
+        let mut tap = Regenerate::new(
+            &self.frus,
+            &placements,
+            &mut self.stats,
+            false,
+            &self.meta.tuned,
+        );
+        f(&mut tap)
+    }
+
     /// [`Defense::forward_pixels`], and per gated unit each image's switch in (0, 1) (empty
     /// for an ungated defence).
     pub fn forward_pixels_gates(
@@ -710,32 +723,18 @@ impl Defense {
         model: &Model,
         pixels: Tensor<4>,
     ) -> Result<(Tensor<2>, Vec<Vec<f32>>)> {
-        let placements = self.placements();
-        let mut tap = Regenerate::new(
-            &self.frus,
-            &placements,
-            &mut self.stats,
-            false,
-            &self.meta.tuned,
-        );
-        let logits = model.forward_pixels(pixels, &mut tap);
-        let open = tap
-            .open()
-            .map_err(|e| SfrError::param("defense", format!("unreadable switches: {e}")))?;
+        let (logits, open) = self.with_tap(|tap| {
+            let logits = model.forward_pixels(pixels, tap);
+            (logits, tap.open())
+        });
+        let open =
+            open.map_err(|e| SfrError::param("defense", format!("unreadable switches: {e}")))?;
         Ok((logits, open))
     }
 
     /// Logits of the defended network for RGB pixels on the 0–255 scale (inference mode).
     pub fn forward_pixels(&mut self, model: &Model, pixels: Tensor<4>) -> Tensor<2> {
-        let placements = self.placements();
-        let mut tap = Regenerate::new(
-            &self.frus,
-            &placements,
-            &mut self.stats,
-            false,
-            &self.meta.tuned,
-        );
-        model.forward_pixels(pixels, &mut tap)
+        self.with_tap(|tap| model.forward_pixels(pixels, tap))
     }
 
     /// Save as safetensors (FRU weights, BN statistics, placements and training configuration

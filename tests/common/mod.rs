@@ -112,12 +112,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// The foolbox images and a random-sign training perturbation for them (`sfr attack random`),
 /// made once per folder: material for tests that train a defence.
 pub fn foolbox_and_random_uap(dir: &Path) -> (PathBuf, PathBuf) {
+    random_uap(dir, "uap.safetensors", 10.0)
+}
+
+/// The foolbox images and a random-sign perturbation of ℓ∞ norm `eps` in `dir/name` (made once).
+pub fn random_uap(dir: &Path, name: &str, eps: f64) -> (PathBuf, PathBuf) {
     let data = sfr::fetch::fetch_named("foolbox-imagenet", &mut |_| {}).unwrap();
-    let uap = dir.join("uap.safetensors");
+    let uap = dir.join(name);
     if !uap.is_file() {
         let o = Command::new(env!("CARGO_BIN_EXE_sfr"))
             .args(["attack", "random", "--quiet", "--holdout", "2", "--data"])
             .arg(&data)
+            .arg("--eps")
+            .arg(eps.to_string())
             .arg("--out")
             .arg(&uap)
             .output()
