@@ -53,7 +53,7 @@ pub struct FruSet {
     /// One unit per site.
     pub units: Vec<Fru>,
     /// Gated units (`sfr defend --gate`): per unit, `[C + 1]` values — a weight per channel
-    /// of the site and a bias — of the per-image switch [`gate`]. Empty: ungated (the paper).
+    /// of the site and a bias — of the per-image switch [`gate_logit`]. Empty: ungated (the paper).
     pub gates: Vec<Param<Tensor<1>>>,
     /// One weight change `[out, in / groups, kh, kw]` per tuned conv, in the order of the
     /// [`Regenerate::tuned`] sites: the conv runs with its weight plus this (zero at the start).
@@ -176,11 +176,11 @@ impl Fru {
 /// the gradient's scale) move the switch within a few hundred mini-batches.
 pub const GATE_GAIN: f64 = 4.0;
 
-/// The per-image switch of a gated unit, in (0, 1), shape `[B, 1, 1, 1]`: the logistic
-/// function of [`gate_logit`].
-pub fn gate(x: Tensor<4>, g: Tensor<1>) -> Tensor<4> {
-    let b = x.dims()[0];
-    burn::tensor::activation::sigmoid(gate_logit(x, g)).reshape([b, 1, 1, 1])
+/// The per-image switch of a gated unit, in (0, 1), shape `[B, 1, 1, 1]` (to scale its
+/// change): the logistic function of the switch logits `z` of [`gate_logit`] (`[B, 1]`).
+pub fn switch(z: Tensor<2>) -> Tensor<4> {
+    let b = z.dims()[0];
+    burn::tensor::activation::sigmoid(z).reshape([b, 1, 1, 1])
 }
 
 /// The logit of a gated unit's per-image switch, shape `[B, 1]`: the site's log channel
@@ -358,10 +358,8 @@ impl Tap for Regenerate<'_> {
             Some(g) => {
                 let r = self.frus.units[i].residual(top.clone(), m, v, self.training);
                 let z = gate_logit(x.clone(), g.val());
-                let b = z.dims()[0];
-                let open = burn::tensor::activation::sigmoid(z.clone()).reshape([b, 1, 1, 1]);
-                self.switches.push((i, z));
-                top + r * open
+                self.switches.push((i, z.clone()));
+                top + r * switch(z)
             }
             None => self.frus.units[i].forward(top, m, v, self.training),
         };

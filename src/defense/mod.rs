@@ -272,7 +272,7 @@ pub struct DefenseMeta {
     /// in forward order. Absent for FRU defences.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tuned: Vec<String>,
-    /// Each unit's change is scaled by a learned per-image switch ([`fru::gate`]; `sfr defend
+    /// Each unit's change is scaled by a learned per-image switch ([`fru::gate_logit`]; `sfr defend
     /// --gate`, beyond the paper). Absent means ungated.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gated: bool,
@@ -338,7 +338,7 @@ pub struct PlanOptions {
     pub method: Method,
     /// The rectifier's width D ([`Method::Prn`]; the FRU options do not apply to it).
     pub prn_width: usize,
-    /// Gate each unit by a learned per-image switch ([`fru::gate`]; SFR and PRN).
+    /// Gate each unit by a learned per-image switch ([`fru::gate_logit`]; SFR and PRN).
     pub gate: bool,
 }
 

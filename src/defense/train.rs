@@ -568,20 +568,19 @@ pub fn train(
             let total: f32 = w.iter().sum();
             let w = Tensor::<2>::from_data(TensorData::new(w, [n, 1]), &adev);
             let mut loss = (per_image * w).sum().div_scalar(total);
-            if let Some(gw) = cfg.gate_loss.filter(|&gw| gw > 0.0)
-                && !tap.switches.is_empty()
-            {
+            if let Some(gw) = cfg.gate_loss.filter(|&gw| gw > 0.0) {
                 // Supervised switches: shut (0) on the clean half, open (1) on the perturbed.
                 let t: Vec<f32> = (0..n).map(|i| if i < half { 0.0 } else { 1.0 }).collect();
                 let t = Tensor::<2>::from_data(TensorData::new(t, [n, 1]), &adev);
                 let units = tap.switches.len();
-                let bce = tap
+                if let Some(bce) = tap
                     .switches
                     .drain(..)
                     .map(|(_, z)| super::fru::switch_bce(z, t.clone()).mean())
                     .reduce(|a, b| a + b)
-                    .expect("at least one switch");
-                loss = loss + bce.div_scalar(units as f64).mul_scalar(gw);
+                {
+                    loss = loss + bce.div_scalar(units as f64).mul_scalar(gw);
+                }
             }
             let loss_value = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
