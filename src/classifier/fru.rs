@@ -284,6 +284,12 @@ pub struct Regenerate<'a> {
     /// Per gated unit visited in the last pass (unit index, switch logits `[B, 1]`), in visit
     /// order: for reporting how far the switches open and for supervising them.
     pub switches: Vec<(usize, Tensor<2>)>,
+    /// Keep each unit's regenerated channels in [`Regenerate::outputs`] (for the feature loss
+    /// of `sfr defend --feature-loss`).
+    pub keep_outputs: bool,
+    /// Per unit visited in the last pass, when `keep_outputs` (unit index, its regenerated
+    /// channels `[B, N, H, W]` in ranked order), in visit order.
+    pub outputs: Vec<(usize, Tensor<4>)>,
 }
 
 impl<'a> Regenerate<'a> {
@@ -303,7 +309,15 @@ impl<'a> Regenerate<'a> {
             visited: 0,
             tuned,
             switches: Vec::new(),
+            keep_outputs: false,
+            outputs: Vec::new(),
         }
+    }
+
+    /// The same tap, keeping each unit's regenerated channels ([`Regenerate::outputs`]).
+    pub fn keeping_outputs(mut self) -> Self {
+        self.keep_outputs = true;
+        self
     }
 
     /// Per unit (placement order), each image's switch in (0, 1) from the last pass; empty for
@@ -364,6 +378,9 @@ impl Tap for Regenerate<'_> {
             None => self.frus.units[i].forward(top, m, v, self.training),
         };
         self.visited += 1;
+        if self.keep_outputs {
+            self.outputs.push((i, y.clone()));
+        }
         replace_channels(x, y, &regen)
     }
 

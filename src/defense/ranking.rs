@@ -8,7 +8,7 @@ use crate::classifier::{argmax, load_batch, logits_rows};
 use crate::data::Dataset;
 use crate::error::{Result, SfrError};
 use crate::perturbation::{self, Perturbation};
-use crate::zoo::{Model, NoTap, Tap};
+use crate::zoo::{Model, NoTap, Record, Tap};
 
 /// One site's channels, most susceptible first.
 #[derive(Debug, Clone, Serialize)]
@@ -91,25 +91,6 @@ pub struct MaskRow {
     pub bottom_k_restored_top1: f64,
     /// Labelled images measured.
     pub n: usize,
-}
-
-/// Records the chosen sites' activations.
-struct Record<'a> {
-    sites: &'a [String],
-    out: Vec<Tensor<4>>,
-}
-
-impl Tap for Record<'_> {
-    fn wants(&self, site: &str) -> bool {
-        self.sites.iter().any(|s| s == site)
-    }
-
-    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
-        if self.sites.iter().any(|s| s == site) {
-            self.out.push(x.clone());
-        }
-        x
-    }
 }
 
 /// Replaces the masked channels of one site by the given (clean) activation.
@@ -208,14 +189,11 @@ pub fn masking(
         };
         let labels: Vec<Option<usize>> = b.samples.iter().map(|s| s.label).collect();
         n += labels.iter().filter(|l| l.is_some()).count();
-        let mut rec = Record {
-            sites: &ordered,
-            out: Vec::new(),
-        };
+        let mut rec = Record::new(&ordered);
         clean_ok += correct(model.forward_pixels(b.pixels.clone(), &mut rec), &labels)?;
         let xp = perturbation::apply(b.pixels, v.clone(), clip);
         pert_ok += correct(model.forward_pixels(xp.clone(), &mut NoTap), &labels)?;
-        for (si, clean) in rec.out.into_iter().enumerate() {
+        for (si, (_, clean)) in rec.out.into_iter().enumerate() {
             for (fi, (_, top, bottom)) in masks[si].iter().enumerate() {
                 for (mask, acc) in [(top, &mut top_ok), (bottom, &mut bottom_ok)] {
                     let mut tap = Restore {

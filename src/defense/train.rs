@@ -9,6 +9,7 @@
 //! with the best validation restoration accuracy instead of the last.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::collections::BTreeMap;
@@ -31,7 +32,7 @@ use crate::data::epoch_order;
 use crate::error::{Result, SfrError};
 use crate::metrics;
 use crate::perturbation::{self, Perturbation};
-use crate::zoo::{Model, NoTap};
+use crate::zoo::{Model, NoTap, Record};
 
 /// The training objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -112,6 +113,12 @@ pub struct TrainConfig {
     /// alone.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub gate_loss: Option<f64>,
+    /// Weight of the feature loss (`--feature-loss`): per unit, the squared error between its
+    /// regenerated channels and the same channels of the undefended network on the clean
+    /// image, relative to their mean square, averaged over units; for the clean half and the
+    /// perturbed half of each mini-batch alike. Unset or 0: none (the paper's objective alone).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub feature_loss: Option<f64>,
 }
 
 /// The weight of the switches' supervision that `sfr defend --gate` uses unless told.
@@ -145,6 +152,7 @@ impl Default for TrainConfig {
             clip: true,
             uat_step: None,
             gate_loss: None,
+            feature_loss: None,
         }
     }
 }
@@ -186,6 +194,14 @@ impl TrainConfig {
         {
             return Err(SfrError::param(
                 "--gate-loss",
+                format!("must be zero or positive, got {w}"),
+            ));
+        }
+        if let Some(w) = self.feature_loss
+            && !(w >= 0.0 && w.is_finite())
+        {
+            return Err(SfrError::param(
+                "--feature-loss",
                 format!("must be zero or positive, got {w}"),
             ));
         }
@@ -433,6 +449,14 @@ pub fn train(
         }
     }
     let placements = defense.placements();
+    let unit_sites: Vec<String> = placements.iter().map(|p| p.site.clone()).collect();
+    let feature_weight = cfg.feature_loss.filter(|&w| w > 0.0);
+    if feature_weight.is_some() && placements.is_empty() {
+        return Err(SfrError::param(
+            "--feature-loss",
+            "it trains units to give back the clean features; this defence has none (universal adversarial training)",
+        ));
+    }
     // Universal adversarial training: its perturbation starts as the first training
     // perturbation (ℓ∞) and moves by sign steps within that ball; a resumed run finds it in
     // the checkpoint.
@@ -481,14 +505,21 @@ pub fn train(
                 x = Tensor::from_data(TensorData::new(aug, [n, 3, size, size]), &dev);
             }
             // Targets of the label-free losses: the undefended network on the clean images (its
-            // softmax for `distill`, its logits for `logits`).
-            let teacher = match cfg.loss {
-                Loss::Distill => {
-                    let logits = model.forward_pixels(x.clone(), &mut NoTap);
-                    Some(burn::tensor::activation::softmax(logits, 1))
+            // softmax for `distill`, its logits for `logits`); and, for the feature loss, its
+            // outputs at the units' sites.
+            let mut clean_sites = Record::new(&unit_sites);
+            clean_sites.keep_input = true;
+            let undefended = (cfg.loss != Loss::Ce || feature_weight.is_some()).then(|| {
+                if feature_weight.is_some() {
+                    model.forward_pixels(x.clone(), &mut clean_sites)
+                } else {
+                    model.forward_pixels(x.clone(), &mut NoTap)
                 }
-                Loss::Logits => Some(model.forward_pixels(x.clone(), &mut NoTap)),
-                Loss::Ce => None,
+            });
+            let teacher = match (cfg.loss, undefended) {
+                (Loss::Distill, Some(logits)) => Some(burn::tensor::activation::softmax(logits, 1)),
+                (Loss::Logits, Some(logits)) => Some(logits),
+                _ => None,
             };
             let labels: Vec<usize> = if teacher.is_some() {
                 Vec::new()
@@ -539,6 +570,9 @@ pub fn train(
                 true,
                 &defense.meta.tuned,
             );
+            if feature_weight.is_some() {
+                tap = tap.keeping_outputs();
+            }
             let logits = model.forward_pixels(xp, &mut tap);
             if tap.visited != placements.len() + defense.meta.tuned.len() {
                 return Err(SfrError::param(
@@ -580,6 +614,37 @@ pub fn train(
                     .reduce(|a, b| a + b)
                 {
                     loss = loss + bce.div_scalar(units as f64).mul_scalar(gw);
+                }
+            }
+            if let Some(fw) = feature_weight {
+                let units = tap.outputs.len();
+                let mut sum: Option<Tensor<1>> = None;
+                for (i, y) in tap.outputs.drain(..) {
+                    let p = &placements[i];
+                    let clean = if p.site == super::fru::INPUT_SITE {
+                        clean_sites.input.clone()
+                    } else {
+                        clean_sites.get(&p.site).cloned()
+                    }
+                    .ok_or_else(|| {
+                        SfrError::param(
+                            "--feature-loss",
+                            format!("the undefended pass did not reach site {}", p.site),
+                        )
+                    })?;
+                    let t = crate::engine::gather_channels(clean, &Arc::new(p.regen.clone()));
+                    let scale = t.clone().powi_scalar(2).mean().into_scalar::<f32>() as f64;
+                    let term = (y - t.autodiff())
+                        .powi_scalar(2)
+                        .mean()
+                        .div_scalar(scale.max(1e-12));
+                    sum = Some(match sum {
+                        Some(s) => s + term,
+                        None => term,
+                    });
+                }
+                if let Some(f) = sum {
+                    loss = loss + f.div_scalar(units as f64).mul_scalar(fw);
                 }
             }
             let loss_value = loss.clone().into_scalar::<f32>() as f64;

@@ -62,6 +62,56 @@ impl Tap for NoTap {
     }
 }
 
+/// The tap that changes nothing and records the chosen sites' outputs, in forward order (and
+/// the network's normalised input, when `input` is asked for).
+pub struct Record<'a> {
+    /// The sites to record.
+    pub sites: &'a [String],
+    /// Their outputs, in visit (forward) order, with the site's name.
+    pub out: Vec<(String, Tensor<4>)>,
+    /// Record the network's normalised input as `input`.
+    pub keep_input: bool,
+    /// The normalised input, when `keep_input`.
+    pub input: Option<Tensor<4>>,
+}
+
+impl<'a> Record<'a> {
+    /// A recorder of `sites`, nothing recorded yet.
+    pub fn new(sites: &'a [String]) -> Self {
+        Record {
+            sites,
+            out: Vec::new(),
+            keep_input: false,
+            input: None,
+        }
+    }
+
+    /// The recorded output of `site`, if it was visited.
+    pub fn get(&self, site: &str) -> Option<&Tensor<4>> {
+        self.out.iter().find(|(s, _)| s == site).map(|(_, t)| t)
+    }
+}
+
+impl Tap for Record<'_> {
+    fn wants(&self, site: &str) -> bool {
+        self.sites.iter().any(|s| s == site)
+    }
+
+    fn visit(&mut self, site: &str, x: Tensor<4>) -> Tensor<4> {
+        if self.wants(site) {
+            self.out.push((site.to_string(), x.clone()));
+        }
+        x
+    }
+
+    fn input(&mut self, x: Tensor<4>) -> Tensor<4> {
+        if self.keep_input {
+            self.input = Some(x.clone());
+        }
+        x
+    }
+}
+
 /// A frozen 2-D convolution whose output is a named site.
 #[derive(Debug, Clone)]
 pub struct Conv {

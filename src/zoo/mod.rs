@@ -23,7 +23,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
-pub use layers::{Conv, NoTap, Tap};
+pub use layers::{Conv, NoTap, Record, Tap};
 
 use crate::engine::{Act, Affine};
 use crate::error::{Result, SfrError};

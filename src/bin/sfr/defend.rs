@@ -70,6 +70,11 @@ pub(crate) struct DefendArgs {
     /// task loss alone [default: 1].
     #[arg(long)]
     pub(crate) gate_loss: Option<f64>,
+    /// Weight of a feature loss beside the task loss: each unit's regenerated channels against
+    /// the undefended network's on the clean image (squared error relative to their mean
+    /// square), for clean and perturbed images alike (beyond the paper; sfr and prn).
+    #[arg(long)]
+    pub(crate) feature_loss: Option<f64>,
     /// Sites to defend, or `rule` for sfr's site rule (default: the architecture's hand
     /// placement, the rule for networks without one; `sfr rank` shows both).
     #[arg(long, value_delimiter = ',')]
@@ -207,6 +212,7 @@ pub(crate) fn defend_run(
         gate_loss: a
             .gate
             .then(|| a.gate_loss.unwrap_or(sfr::defense::train::GATE_LOSS)),
+        feature_loss: a.feature_loss,
     };
     cfg.validate()?;
     if a.method != Method::Sfr {

@@ -372,6 +372,9 @@ fn recipe_of(d: &Defense, model: &sfr::zoo::Model) -> Vec<(String, Option<String
     if let Some(v) = num("uat_step") {
         put("--uat-step", Some(v.to_string()));
     }
+    if let Some(v) = num("feature_loss") {
+        put("--feature-loss", Some(v.to_string()));
+    }
     if m.gated {
         // A gated file without the weight predates the supervision: its switches were not.
         put(
