@@ -992,8 +992,7 @@ fn first_unit_error(model: &zoo::Model, d: &mut Defense, x: &Tensor<4>, v: &Tens
     .keeping_outputs();
     model.forward_pixels(xp, &mut tap);
     let y = tap.outputs[0].1.clone();
-    let scale = t.clone().powi_scalar(2).mean().into_scalar::<f32>() as f64;
-    (y - t).powi_scalar(2).mean().into_scalar::<f32>() as f64 / scale
+    sfr::defense::fru::regeneration_error(y, t).into_scalar::<f32>() as f64
 }
 
 /// `--feature-loss`: the units learn to give back the undefended network's channels of the
@@ -1015,6 +1014,19 @@ fn feature_loss_pulls_the_regenerated_channels_towards_the_clean_ones() {
         sites: vec!["features.0.0".into(), "features.1.conv.1".into()],
         ..Default::default()
     };
+    let train = |d: &mut Defense, cfg: &sfr::defense::train::TrainConfig| {
+        let no_val = sfr::data::Dataset::default();
+        sfr::defense::train::train(
+            &model,
+            d,
+            &ds,
+            &no_val,
+            std::slice::from_ref(&uap),
+            cfg,
+            None,
+            &mut |_| {},
+        )
+    };
     let mut errors = Vec::new();
     for weight in [None, Some(20.0)] {
         let mut d = Defense::plant(&model, &plan, &dev).unwrap();
@@ -1028,17 +1040,7 @@ fn feature_loss_pulls_the_regenerated_channels_towards_the_clean_ones() {
             feature_loss: weight,
             ..Default::default()
         };
-        sfr::defense::train::train(
-            &model,
-            &mut d,
-            &ds,
-            &sfr::data::Dataset::default(),
-            std::slice::from_ref(&uap),
-            &cfg,
-            None,
-            &mut |_| {},
-        )
-        .unwrap();
+        train(&mut d, &cfg).unwrap();
         let after = first_unit_error(&model, &mut d, &x, &v);
         eprintln!("feature loss {weight:?}: first unit's error {before:.4} -> {after:.4}");
         assert_eq!(
@@ -1053,24 +1055,13 @@ fn feature_loss_pulls_the_regenerated_channels_towards_the_clean_ones() {
     assert!(a1 < 0.95 * b1, "with the feature loss: {b1} -> {a1}");
     assert!(a1 < 0.95 * a0, "with {a1}, without {a0}");
 
-    for (cfg, what) in [
-        (
-            sfr::defense::train::TrainConfig {
-                feature_loss: Some(-1.0),
-                ..Default::default()
-            },
-            "--feature-loss",
-        ),
-        (
-            sfr::defense::train::TrainConfig {
-                feature_loss: Some(f64::NAN),
-                ..Default::default()
-            },
-            "--feature-loss",
-        ),
-    ] {
+    for w in [-1.0, f64::NAN] {
+        let cfg = sfr::defense::train::TrainConfig {
+            feature_loss: Some(w),
+            ..Default::default()
+        };
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains(what), "{err}");
+        assert!(err.contains("--feature-loss"), "{err}");
     }
     let uat = PlanOptions {
         method: Method::Uat,
@@ -1083,17 +1074,6 @@ fn feature_loss_pulls_the_regenerated_channels_towards_the_clean_ones() {
         feature_loss: Some(1.0),
         ..Default::default()
     };
-    let err = sfr::defense::train::train(
-        &model,
-        &mut d,
-        &ds,
-        &sfr::data::Dataset::default(),
-        std::slice::from_ref(&uap),
-        &cfg,
-        None,
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train(&mut d, &cfg).unwrap_err().to_string();
     assert!(err.contains("--feature-loss"), "{err}");
 }

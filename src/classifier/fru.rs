@@ -209,6 +209,23 @@ pub fn gate_logit(x: Tensor<4>, g: Tensor<1>) -> Tensor<2> {
     (e.matmul(w) + bias).mul_scalar(GATE_GAIN)
 }
 
+/// The feature loss of one unit (`sfr defend --feature-loss`): the mean squared error between
+/// its regenerated channels `y` and the undefended network's same channels `clean` on the clean
+/// image, relative to the mean square of `clean` (so that sites of any scale weigh alike).
+/// `clean` is a constant: an autodiff `y` gets its gradient, `clean` none.
+pub fn regeneration_error(y: Tensor<4>, clean: Tensor<4>) -> Tensor<1> {
+    let scale = clean.clone().powi_scalar(2).mean().into_scalar::<f32>() as f64;
+    let clean = if y.is_autodiff() && !clean.is_autodiff() {
+        clean.autodiff()
+    } else {
+        clean
+    };
+    (y - clean)
+        .powi_scalar(2)
+        .mean()
+        .div_scalar(scale.max(1e-12))
+}
+
 /// Binary cross-entropy of switch logits `z` (`[B, 1]`) against targets `t` (`[B, 1]`, 0 or
 /// 1), per image, in the stable form `max(z, 0) − t·z + ln(1 + e^−|z|)`.
 pub fn switch_bce(z: Tensor<2>, t: Tensor<2>) -> Tensor<2> {

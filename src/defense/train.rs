@@ -507,15 +507,15 @@ pub fn train(
             // Targets of the label-free losses: the undefended network on the clean images (its
             // softmax for `distill`, its logits for `logits`); and, for the feature loss, its
             // outputs at the units' sites.
-            let mut clean_sites = Record::new(&unit_sites);
-            clean_sites.keep_input = true;
-            let undefended = (cfg.loss != Loss::Ce || feature_weight.is_some()).then(|| {
-                if feature_weight.is_some() {
-                    model.forward_pixels(x.clone(), &mut clean_sites)
-                } else {
-                    model.forward_pixels(x.clone(), &mut NoTap)
-                }
+            // Without the feature loss the recorder wants no site (a plain pass, as `NoTap`).
+            let mut clean_sites = Record::new(if feature_weight.is_some() {
+                &unit_sites
+            } else {
+                &[]
             });
+            clean_sites.keep_input = feature_weight.is_some();
+            let undefended = (cfg.loss != Loss::Ce || feature_weight.is_some())
+                .then(|| model.forward_pixels(x.clone(), &mut clean_sites));
             let teacher = match (cfg.loss, undefended) {
                 (Loss::Distill, Some(logits)) => Some(burn::tensor::activation::softmax(logits, 1)),
                 (Loss::Logits, Some(logits)) => Some(logits),
@@ -633,11 +633,7 @@ pub fn train(
                         )
                     })?;
                     let t = crate::engine::gather_channels(clean, &Arc::new(p.regen.clone()));
-                    let scale = t.clone().powi_scalar(2).mean().into_scalar::<f32>() as f64;
-                    let term = (y - t.autodiff())
-                        .powi_scalar(2)
-                        .mean()
-                        .div_scalar(scale.max(1e-12));
+                    let term = super::fru::regeneration_error(y, t);
                     sum = Some(match sum {
                         Some(s) => s + term,
                         None => term,
